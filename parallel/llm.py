@@ -55,7 +55,9 @@ class LLM:
         plist = normalize_prompts(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = [sampling_params] * len(plist) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(plist)
+        params = list(sampling_params)
         if len(params) != len(plist):
             raise ValueError(f"got {len(plist)} prompts but {len(params)} sampling params")
         for p in plist:
