@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from parallel import SamplingParams
+from parallel.async_engine import AsyncEngine
+
+
+@pytest.fixture(scope="module")
+def engine(llama_path):
+    eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8)
+    yield eng
+    eng.shutdown()
+
+
+def test_concurrent_streams_match_offline(engine, llama_llm):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[1, 2, 3], [1, 50, 60, 70, 80], [1, 9]]
+
+    async def one(i: int) -> list[int]:
+        tokens: list[int] = []
+        async for out in engine.generate(f"c{i}", prompts[i], params):
+            tokens.extend(out.outputs[0].delta_token_ids)
+            last = out
+        assert last.finished and list(last.outputs[0].token_ids) == tokens
+        return tokens
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(one(i) for i in range(3)))
+
+    got = asyncio.run(main())
+    assert got == [o.token_ids for o in llama_llm.generate(prompts, params)]
+
+
+def test_leaving_early_aborts_and_frees_blocks(engine):
+    async def main() -> None:
+        params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        agen = engine.generate("leaver", [1, *range(3, 60)], params)
+        async for out in agen:
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await agen.aclose()  # what a disconnecting client's handler does
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0:
+                return
+        raise AssertionError(f"blocks not freed: {engine.stats()}")
+
+    asyncio.run(main())
+
+
+def test_bad_input_raises_in_the_caller_and_others_continue(engine):
+    async def main() -> list[int]:
+        with pytest.raises(ValueError, match="empty"):
+            async for _ in engine.generate("bad", [], SamplingParams()):
+                pass
+        tokens = []
+        async for out in engine.generate("ok", [1, 4], SamplingParams(max_tokens=4, ignore_eos=True)):
+            tokens = list(out.outputs[0].token_ids)
+        return tokens
+
+    assert len(asyncio.run(main())) == 4
+    assert engine.is_alive()
