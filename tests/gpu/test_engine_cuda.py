@@ -23,7 +23,8 @@ def test_cuda_float32_logits_match_transformers(llama_path):
 def test_cuda_greedy_equals_cpu(llama_path, llama_llm):
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     gpu = LLM(str(llama_path), skip_tokenizer_init=True, dtype="float32", device="cuda")
-    assert [o.token_ids for o in gpu.generate(PROMPTS, params)] == [o.token_ids for o in llama_llm.generate(PROMPTS, params)]
+    cpu = llama_llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in gpu.generate(PROMPTS, params)] == [o.token_ids for o in cpu]
 
 
 def test_cuda_bfloat16_serves(llama_path):

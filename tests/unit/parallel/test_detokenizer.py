@@ -47,5 +47,5 @@ def test_tokenizer_special_ids_and_missing_file(byte_tokenizer_folder, tmp_path)
     assert tok.encode("a")[0] == 1
     import pytest
 
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json"):
         Tokenizer.from_folder(tmp_path)

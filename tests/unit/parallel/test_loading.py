@@ -24,7 +24,7 @@ def test_unsupported_architecture(tmp_path, llama_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
+    with pytest.raises(ValueError, match=r"unsupported architecture.*GPT2LMHeadModel"):
         LLM(str(tmp_path / "m"), skip_tokenizer_init=True)
 
 
@@ -43,7 +43,7 @@ def test_sharded_checkpoint_with_index(tmp_path, llama_path, llama_llm):
 
 
 def test_missing_tokenizer_is_a_clear_error(llama_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer\.json not found"):
         LLM(str(llama_path))
 
 
