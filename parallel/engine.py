@@ -16,6 +16,7 @@ import torch
 from parallel.block_manager import BlockManager
 from parallel.config import EngineConfig
 from parallel.detokenizer import IncrementalDetokenizer
+from parallel.inputs import encode_prompt
 from parallel.model_runner import ModelRunner, kv_bytes_per_block
 from parallel.models.loader import checkpoint_dtype, load_model, read_json
 from parallel.outputs import CompletionOutput, RequestOutput
@@ -130,23 +131,7 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Validate and tokenize a prompt; raises ValueError saying what is wrong."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer (the engine was started with skip_tokenizer_init)")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            if not ids:
-                raise ValueError("prompt is empty")
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad[:5]}")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens, but the model's context length (max_model_len) is "
-                             f"{self.max_model_len}: at most {self.max_model_len - 1} prompt tokens")
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         ids = self.encode_prompt(prompt)

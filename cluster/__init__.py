@@ -1,0 +1,1 @@
+"""The whole cluster: the config schema `serve run` reads, the application builder, policies."""

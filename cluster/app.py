@@ -1,0 +1,71 @@
+"""``cluster.app:build``: the Serve application builder named by every modelfleet config.
+
+    applications:
+      - name: modelfleet
+        import_path: cluster.app:build
+        args: {models: [...]}          # the ClusterConfig schema
+
+One deployment per model, named after it (so Serve's ``deployments:`` overrides apply by name), and the
+router ingress ``modelfleet-router`` in front.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ray.serve import Application
+
+from cluster.config import ClusterConfig, ModelSpec
+from deployments.embedding import EmbeddingServer
+from deployments.llm import LLMServer
+from deployments.router import Router
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ROUTER_NAME = "modelfleet-router"
+
+
+class ConfigError(ValueError):
+    """The application's args do not validate; the message names each bad field."""
+
+
+def resolve_source(source: str) -> str:
+    """Absolute path of a model folder given relative to the working directory or to the repository."""
+    if source.startswith("package:"):
+        return source
+    path = Path(source).expanduser()
+    for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]):
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    raise ConfigError(f"model source {source!r} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def parse_config(args: dict[str, Any]) -> ClusterConfig:
+    try:
+        return ClusterConfig.model_validate(args)
+    except ValidationError as err:
+        raise ConfigError(f"invalid modelfleet config: {err}") from None
+
+
+def _deployment_options(m: ModelSpec) -> dict[str, Any]:
+    return {"name": m.name, "num_replicas": m.num_replicas, "max_ongoing_requests": m.max_ongoing_requests,
+            "max_queued_requests": m.max_queued_requests,
+            "ray_actor_options": {"num_cpus": m.resources.num_cpus, "num_gpus": m.resources.num_gpus}}
+
+
+def build(args: dict[str, Any]) -> Application:
+    """Validate the args and compose the application graph (router -> model deployments)."""
+    cfg = parse_config(args)
+    llms, embedders = {}, {}
+    for m in cfg.models:
+        source = resolve_source(m.source)
+        if m.kind == "llm":
+            options = m.engine_options.model_dump(exclude_none=True)
+            llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine, options)
+        else:
+            embedders[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
+    r = cfg.router
+    return Router.options(name=ROUTER_NAME, num_replicas=r.num_replicas, max_ongoing_requests=1024,
+                          ray_actor_options={"num_cpus": r.num_cpus}).bind(
+        llms, embedders, retry_after_s=r.retry_after_s, health_timeout_s=r.health_timeout_s)

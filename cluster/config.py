@@ -1,0 +1,120 @@
+"""The schema of a modelfleet Serve application's ``args`` (what ``cluster.app:build`` reads).
+
+Every model gets one deployment named after it. Unknown keys are errors (a typo must not be ignored), and
+features that later releases implement are accepted by the schema but rejected with a clear message.
+
+Example:
+    >>> cfg = ClusterConfig.model_validate({"models": [{"name": "m", "source": "models/tiny-code-llama"}]})
+    >>> cfg.models[0].engine, cfg.models[0].resources.num_cpus
+    ('native', 1.0)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineOptions(_Strict):
+    """Engine settings shared by the native and vLLM engines (vLLM names)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_num_seqs: int = Field(32, ge=1, le=4096)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    max_model_len: int | None = Field(None, ge=16)
+    block_size: int | None = Field(None, ge=1)
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV cache budget per replica")
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int | None) -> int | None:
+        if v is not None and v & (v - 1):
+            raise ValueError("block_size must be a power of two")
+        return v
+
+
+class SpeculativeSpec(_Strict):
+    draft: str
+    num_speculative_tokens: int = Field(4, ge=1, le=16)
+    placement: Literal["colocated", "separate"] = "colocated"
+
+
+class AutoscalingSpec(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_queue_depth: float = Field(4.0, gt=0)
+    target_gpu_utilization: float | None = Field(None, gt=0, le=1)
+    kv_usage_high_water: float = Field(0.9, gt=0, le=1)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+
+class Resources(_Strict):
+    """Per replica. Fractions are fine: a 2-core machine holds a model at 1 CPU and embeddings at 0.5."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class ModelSpec(_Strict):
+    """One served model, one Serve deployment of the same name."""
+
+    name: str = Field(pattern=_NAME)
+    kind: Literal["llm", "embedding"] = "llm"
+    source: str = Field(min_length=1, description="local HF folder, or package:<module> for packaged models")
+    engine: Literal["native", "vllm"] = "native"
+    engine_options: EngineOptions = Field(default_factory=EngineOptions)
+    tensor_parallel_size: int = Field(1, ge=1)
+    speculative: SpeculativeSpec | None = None
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSpec | None = None
+    resources: Resources = Field(default_factory=Resources)
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica, before Serve queues at the caller")
+    max_queued_requests: int = Field(256, ge=-1, description="beyond this Serve rejects with 503 (-1: no limit)")
+
+    @model_validator(mode="after")
+    def _not_yet(self) -> ModelSpec:
+        if self.tensor_parallel_size > 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet: tensor parallelism is a later release")
+        if self.speculative is not None:
+            raise ValueError("speculative decoding is not supported yet: remove 'speculative' for now")
+        if self.autoscaling is not None:
+            raise ValueError("autoscaling is not supported yet: use num_replicas for now")
+        if self.kind == "embedding" and self.engine != "native":
+            raise ValueError("embedding models run on the built-in encoder: leave engine as 'native'")
+        return self
+
+
+class RouterSpec(_Strict):
+    num_cpus: float = Field(0.25, ge=0)
+    num_replicas: int = Field(1, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0)
+    health_timeout_s: float = Field(5.0, gt=0)
+    retry_after_s: int = Field(1, ge=0)
+
+
+class ClusterConfig(_Strict):
+    """The whole application: models and the router in front of them."""
+
+    name: str = Field("modelfleet", pattern=_NAME)
+    models: list[ModelSpec] = Field(min_length=1)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ClusterConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
+        if "modelfleet-router" in names:
+            raise ValueError("'modelfleet-router' is reserved for the router deployment")
+        return self

@@ -1,0 +1,1 @@
+"""Ray Serve deployments: the router (OpenAI-compatible ingress), model replicas, embeddings."""

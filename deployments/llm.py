@@ -1,0 +1,143 @@
+"""LLMServer: one Serve replica holding one engine (native or vLLM), streaming plain-data items.
+
+Items cross deployment handles as dicts: ``{"text", "token_ids", "finish_reason", "prompt_tokens",
+"completion_tokens", "logprobs"}`` per increment, or one ``{"error", "status"}`` when the request is refused.
+A caller that stops iterating (an HTTP client that disconnects) cancels the generator here, which aborts the
+engine request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from deployments.openai_protocol import OpenAIError
+from parallel.chat_template import render_chat
+from parallel.sampling_params import SamplingParams
+
+logger = logging.getLogger("ray.serve")
+
+
+def make_engine(engine: str, source: str, options: dict[str, Any]) -> Any:
+    if engine == "vllm":
+        from parallel.vllm_engine import VllmEngine
+
+        return VllmEngine(source, **options)
+    from parallel.async_engine import AsyncEngine
+
+    return AsyncEngine.from_options(source, **options)
+
+
+def _param_of(message: str) -> str | None:
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "logprobs", "min_tokens", "stop", "seed"):
+        if message.startswith(name):
+            return name
+    return None
+
+
+@serve.deployment
+class LLMServer:
+    """A model replica. Python callers use ``generate`` (unary) or ``generate_stream`` (``stream=True``).
+
+    Example:
+        >>> h = serve.get_deployment_handle("tiny-code-llama", app_name="modelfleet")
+        >>> await h.generate.remote({"prompt": "def f():", "sampling": {"max_tokens": 8, "temperature": 0}})
+        {'text': ..., 'finish_reason': 'length', 'prompt_tokens': 5, 'completion_tokens': 8, ...}
+    """
+
+    def __init__(self, model_name: str, source: str, engine: str = "native",
+                 engine_options: dict[str, Any] | None = None) -> None:
+        self.model_name = model_name
+        self.engine_kind = engine
+        self.engine = make_engine(engine, source, dict(engine_options or {}))
+        self.tokenizer = self.engine.tokenizer
+        logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine,
+                    self.engine.max_model_len)
+
+    # ---- Serve hooks ------------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError(f"engine of {self.model_name} is dead")
+
+    # ---- API --------------------------------------------------------------------------------------------
+    async def info(self) -> dict[str, Any]:
+        return {"name": self.model_name, "engine": self.engine_kind, "max_model_len": self.engine.max_model_len}
+
+    async def stats(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.engine.stats())
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The whole completion at once: text, token ids, finish reason, usage (or the error item)."""
+        text, token_ids, logprobs, last = [], [], [], {}
+        async for item in self.generate_stream(request):
+            if "error" in item:
+                return item
+            text.append(item["text"])
+            token_ids.extend(item["token_ids"])
+            logprobs.extend(item.get("logprobs") or [])
+            last = item
+        return {**last, "text": "".join(text), "token_ids": token_ids, "logprobs": logprobs or None}
+
+    async def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """request: ``prompt`` (text or ids) or ``messages``, ``sampling`` (SamplingParams fields), optional
+        ``logprobs`` (top-n) and ``request_id``."""
+        try:
+            prompt = self._prompt(request)
+            params = self._params(request, prompt)
+        except OpenAIError as err:
+            yield err.to_item()
+            return
+        request_id = request.get("request_id") or uuid.uuid4().hex
+        n_prompt = len(prompt)
+        try:
+            async for out in self.engine.generate(request_id, prompt, params):
+                c = out.outputs[0]
+                n_new = len(c.delta_token_ids)
+                yield {"text": c.delta_text, "token_ids": list(c.delta_token_ids), "finish_reason": c.finish_reason,
+                       "prompt_tokens": n_prompt, "completion_tokens": len(c.token_ids),
+                       "logprobs": self._logprobs(c.logprobs[len(c.logprobs) - n_new:], c.delta_token_ids)
+                       if c.logprobs is not None and n_new else None}
+        except ValueError as err:  # the engine refused it (e.g. the KV cache cannot hold it): the client's limit
+            yield OpenAIError(400, str(err), param="prompt").to_item()
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def _prompt(self, request: dict[str, Any]) -> list[int]:
+        tok = self.tokenizer
+        messages = request.get("messages")
+        try:
+            if messages is not None:
+                text = render_chat(messages, tok.chat_template, tok.bos_token, tok.eos_token)
+                ids = tok.encode(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
+                return self.engine.encode_prompt(ids)
+            return self.engine.encode_prompt(request["prompt"])
+        except ValueError as err:
+            msg = str(err)
+            code = "context_length_exceeded" if "context length" in msg else None
+            raise OpenAIError(400, msg, param="messages" if messages is not None else "prompt", code=code) from err
+
+    def _params(self, request: dict[str, Any], prompt: list[int]) -> SamplingParams:
+        sampling = dict(request.get("sampling") or {})
+        room = self.engine.max_model_len - len(prompt)
+        if sampling.get("max_tokens") is None:
+            sampling["max_tokens"] = room
+        elif sampling["max_tokens"] > room:
+            raise OpenAIError(400, f"this model's maximum context length is {self.engine.max_model_len} tokens, "
+                              f"but {len(prompt)} prompt tokens plus max_tokens={sampling['max_tokens']} exceed it",
+                              param="max_tokens", code="context_length_exceeded")
+        try:
+            return SamplingParams(**sampling, logprobs=request.get("logprobs"))
+        except (TypeError, ValueError) as err:
+            raise OpenAIError(400, str(err), param=_param_of(str(err))) from err
+
+    def _logprobs(self, entries: tuple[dict[int, float], ...], token_ids: tuple[int, ...]) -> list[dict[str, Any]]:
+        def piece(t: int) -> str:
+            return self.tokenizer.decode([t], skip_special_tokens=False)
+
+        return [{"token": piece(t), "logprob": e.get(t, float("-inf")),
+                 "top": [(piece(a), lp) for a, lp in sorted(e.items(), key=lambda kv: -kv[1])]}
+                for e, t in zip(entries, token_ids, strict=False)]

@@ -1,0 +1,165 @@
+"""The serving-engine interface of ``async_engine.AsyncEngine``, over vLLM's AsyncLLM (vLLM v1).
+
+Prompts are tokenized by our Tokenizer (the same tokenizer.json vLLM reads) and passed as token ids, so
+validation and errors are identical across engines; vLLM detokenizes. Stats come from a stat logger that
+keeps vLLM's latest SchedulerStats. Import this module only where vLLM is installed.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from parallel.engine import EngineStats
+from parallel.inputs import encode_prompt
+from parallel.outputs import CompletionOutput, RequestOutput
+from parallel.sampling_params import SamplingParams
+from parallel.tokenizer import Tokenizer
+
+_ENGINE_ARG_NAMES = {  # our option name -> vLLM AsyncEngineArgs name
+    "dtype": "dtype", "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
+    "max_num_batched_tokens": "max_num_batched_tokens", "block_size": "block_size",
+    "kv_cache_memory_bytes": "kv_cache_memory_bytes", "kv_cache_memory": "kv_cache_memory_bytes",
+    "enable_prefix_caching": "enable_prefix_caching", "seed": "seed", "device": None,
+    "tensor_parallel_size": "tensor_parallel_size", "gpu_memory_utilization": "gpu_memory_utilization",
+    "enforce_eager": "enforce_eager",
+}
+
+
+def _private_dirs() -> None:
+    """vLLM leaves sockets and caches in shared places; keep them per process, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    base = tempfile.mkdtemp(prefix="modelfleet-vllm-")
+    os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(base, "cache"))
+    os.environ.setdefault("VLLM_RPC_BASE_PATH", os.path.join(base, "rpc"))
+    os.makedirs(os.environ["VLLM_RPC_BASE_PATH"], exist_ok=True)
+
+
+def to_vllm_params(params: SamplingParams) -> Any:
+    from vllm import SamplingParams as VllmParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return VllmParams(
+        n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.effective_top_k,
+        seed=params.seed, max_tokens=params.max_tokens, stop=list(params.stop) or None,
+        stop_token_ids=list(params.stop_token_ids) or None, ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs, min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens,
+        include_stop_str_in_output=params.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA)
+
+
+class _StatsKeeper:
+    """A vLLM stat logger that remembers the latest scheduler stats and recent generated-token counts."""
+
+    def __init__(self) -> None:
+        self.scheduler: Any = None
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.preemptions = 0
+        self.tokens: collections.deque[tuple[float, int]] = collections.deque()
+
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        keeper = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                if scheduler_stats is not None:
+                    keeper.scheduler = scheduler_stats
+                    keeper.prefix_queries += scheduler_stats.prefix_cache_stats.queries
+                    keeper.prefix_hits += scheduler_stats.prefix_cache_stats.hits
+                if iteration_stats is not None:
+                    keeper.preemptions += iteration_stats.num_preempted_reqs
+                    if iteration_stats.num_generation_tokens:
+                        keeper.tokens.append((time.monotonic(), iteration_stats.num_generation_tokens))
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger(vllm_config, engine_index)
+
+
+class VllmEngine:
+    """Same surface as AsyncEngine (generate / abort / stats / tokenizer / max_model_len), backed by vLLM.
+
+    Example:
+        >>> engine = VllmEngine("models/tiny-code-llama", dtype="float32", max_num_seqs=32)
+        >>> async for out in engine.generate("r1", "def f():", SamplingParams(max_tokens=8)):
+        ...     print(out.outputs[0].delta_text, end="")
+    """
+
+    def __init__(self, path: str, **options: Any) -> None:
+        _private_dirs()
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs: dict[str, Any] = {"model": path, "disable_log_stats": False, "enable_log_requests": False}
+        for key, value in options.items():
+            if key not in _ENGINE_ARG_NAMES:
+                raise TypeError(f"engine option {key!r} is not supported by the vllm engine")
+            if _ENGINE_ARG_NAMES[key] is not None and value is not None:
+                kwargs[_ENGINE_ARG_NAMES[key]] = value
+        if kwargs.get("dtype") == "auto":
+            kwargs.pop("dtype")
+        self._stats = _StatsKeeper()
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self._stats.factory])
+        self.max_model_len: int = self.llm.model_config.max_model_len
+        self.tokenizer = Tokenizer.from_folder(path)
+        self.vocab_size: int = self.llm.model_config.get_vocab_size()
+        self._num_blocks = int(self.llm.vllm_config.cache_config.num_gpu_blocks or 0)
+        self._ids = itertools.count()
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        return encode_prompt(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
+
+    def is_alive(self) -> bool:
+        return not self.llm.errored
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        ids = self.encode_prompt(prompt)
+        text, token_ids, logprobs = "", [], []
+        async for out in self.llm.generate({"prompt_token_ids": ids}, to_vllm_params(params), request_id):
+            c = out.outputs[0]
+            text += c.text
+            token_ids.extend(c.token_ids)
+            step_lps = [{t: lp.logprob for t, lp in entry.items()} for entry in (c.logprobs or [])]
+            logprobs.extend(step_lps)
+            completion = CompletionOutput(
+                index=0, text=text, token_ids=tuple(token_ids), finish_reason=c.finish_reason,
+                delta_text=c.text, delta_token_ids=tuple(c.token_ids),
+                logprobs=tuple(logprobs) if params.logprobs is not None else None, stop_reason=c.stop_reason)
+            yield RequestOutput(request_id, prompt if isinstance(prompt, str) else None, tuple(ids), (completion,),
+                                out.finished, out.num_cached_tokens or 0)
+
+    def abort(self, request_id: str) -> None:
+        import asyncio
+
+        asyncio.get_running_loop().create_task(self.llm.abort(request_id))
+
+    def stats(self, window_s: float = 10.0) -> EngineStats:
+        keeper = self._stats
+        now = time.monotonic()
+        while keeper.tokens and keeper.tokens[0][0] < now - window_s:
+            keeper.tokens.popleft()
+        sched = keeper.scheduler
+        usage = float(sched.kv_cache_usage) if sched is not None else 0.0
+        return EngineStats(
+            num_waiting=sched.num_waiting_reqs if sched is not None else 0,
+            num_running=sched.num_running_reqs if sched is not None else 0,
+            kv_blocks_used=round(usage * self._num_blocks), kv_blocks_total=self._num_blocks, kv_usage=usage,
+            prefix_hit_rate=keeper.prefix_hits / keeper.prefix_queries if keeper.prefix_queries else 0.0,
+            tokens_per_s=sum(n for _, n in keeper.tokens) / window_s, num_preemptions=keeper.preemptions,
+            window_s=window_s)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
