@@ -93,6 +93,9 @@ class Router:
             return await handler(request)
         except OpenAIError as err:
             return _error_response(err)
+        except Exception as err:  # a server fault (a dead replica...): still an OpenAI body, logged with trace
+            logger.exception("request %s %s failed", method, path)
+            return _error_response(OpenAIError(500, f"internal error: {type(err).__name__}", code="internal_error"))
 
     async def _http_completions(self, request: Request) -> Response:
         return await self._respond(await self.completions(_parse(CompletionRequest, await request.body())))

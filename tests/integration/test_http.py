@@ -1,0 +1,152 @@
+"""The OpenAI-compatible HTTP surface, on both engines, through a real Serve proxy and router."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import httpx
+import pytest
+
+ENGINES = ["native", "vllm"]
+CODE = "def fibonacci(n):"
+
+
+def sse_events(response: httpx.Response) -> list[dict | str]:
+    events: list[dict | str] = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_models_and_health(client):
+    ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert ids == {"native", "vllm", "tight", "minilm"}
+    health = client.get("/health")
+    assert health.status_code == 200 and set(health.json()["models"].values()) == {"ready"}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_completion(client, engine):
+    r = client.post("/v1/completions", json={"model": engine, "prompt": CODE, "max_tokens": 16, "temperature": 0,
+                                             "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == engine
+    choice = body["choices"][0]
+    assert choice["text"] and choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 16 and body["usage"]["prompt_tokens"] > 3
+
+
+def test_both_engines_agree_greedy(client):
+    texts = [client.post("/v1/completions", json={"model": e, "prompt": CODE, "max_tokens": 24,
+                                                  "temperature": 0}).json()["choices"][0]["text"] for e in ENGINES]
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_streamed_completion_concatenates_to_unary(client, engine):
+    req = {"model": engine, "prompt": CODE, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    whole = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**req, "stream": True,
+                                                        "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    assert len(chunks) > 2
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 32
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_chat_unary_and_stream(client, engine):
+    req = {"model": engine, "messages": [{"role": "system", "content": "You write Python."},
+                                         {"role": "user", "content": "fibonacci"}],
+           "max_tokens": 20, "temperature": 0}
+    r = client.post("/v1/chat/completions", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    message = body["choices"][0]["message"]
+    assert body["object"] == "chat.completion" and message["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] <= 20
+    with client.stream("POST", "/v1/chat/completions", json={**req, "stream": True}) as s:
+        events = sse_events(s)
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant" and events[-1] == "[DONE]"
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert streamed == message["content"]
+    assert events[-2]["usage"]["completion_tokens"] == body["usage"]["completion_tokens"]
+
+
+def test_embeddings(client):
+    r = client.post("/v1/embeddings", json={"model": "minilm", "input": ["A man is eating food.",
+                                                                       "A man is eating bread."]})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == [0, 1] and len(data[0]["embedding"]) == 384
+    a, b = data[0]["embedding"], data[1]["embedding"]
+    assert abs(sum(x * x for x in a) - 1) < 1e-4  # normalised
+    assert sum(x * y for x, y in zip(a, b, strict=True)) > 0.6  # similar sentences
+    assert r.json()["usage"]["prompt_tokens"] > 8
+    b64 = client.post("/v1/embeddings", json={"model": "minilm", "input": "A man is eating food.",
+                                              "encoding_format": "base64"}).json()["data"][0]["embedding"]
+    decoded = struct.unpack("<384f", base64.b64decode(b64))
+    assert max(abs(x - y) for x, y in zip(decoded, a, strict=True)) < 1e-6
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/completions", {"model": "native", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "native", "prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "native", "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "native", "prompt": ""}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "native", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "native", "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ("/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/v1/embeddings", {"model": "native", "input": "x"}, 404, "model"),
+    ("/v1/embeddings", {"model": "minilm", "input": ""}, 400, "input"),
+    ("/v1/nothing", {}, 404, None),
+])
+def test_errors_are_openai_json(client, path, body, status, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = client.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param or error["param"].startswith(param)
+
+
+def test_method_not_allowed(client):
+    assert client.get("/v1/completions").status_code == 405
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_length_errors(client, engine, stream):
+    long_prompt = "x = 1\n" * 2000
+    r = client.post("/v1/completions", json={"model": engine, "prompt": long_prompt, "stream": stream})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = client.post("/v1/completions", json={"model": engine, "prompt": CODE, "max_tokens": 100000})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_overload_is_503_with_retry_after(server):
+    import concurrent.futures
+
+    def call(_: int) -> httpx.Response:
+        return httpx.post(f"{server}/v1/completions", timeout=120,
+                          json={"model": "tight", "prompt": CODE, "max_tokens": 64, "ignore_eos": True})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, range(8)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "2" and rejected.json()["error"]["code"] == "overloaded"
