@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: $(STAMP)
+	$(PY) -m cluster.validate $(CONFIG)
 	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/serve run $(CONFIG)
 
 lint: $(STAMP)

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cluster.config import ClusterConfig
+from tests.conftest import REPO
+
+
+def _cfg(**model) -> dict:
+    return {"models": [{"name": "m", "source": "models/tiny-code-llama", **model}]}
+
+
+def test_defaults():
+    cfg = ClusterConfig.model_validate(_cfg())
+    m = cfg.models[0]
+    assert (m.kind, m.engine, m.num_replicas, m.resources.num_cpus) == ("llm", "native", 1, 1.0)
+    assert m.engine_options.max_num_seqs == 32
+
+
+@pytest.mark.parametrize("model, field", [
+    ({"engine": "tgi"}, "engine"),
+    ({"kind": "vision"}, "kind"),
+    ({"name": "bad name!"}, "name"),
+    ({"engine_options": {"max_num_seqs": 0}}, "max_num_seqs"),
+    ({"engine_options": {"block_size": 12}}, "block_size"),
+    ({"engine_options": {"dtypo": "float32"}}, "dtypo"),
+    ({"replicas": 2}, "replicas"),
+    ({"resources": {"num_cpus": -1}}, "num_cpus"),
+])
+def test_bad_fields_are_named(model, field):
+    with pytest.raises(ValidationError, match=field):
+        ClusterConfig.model_validate(_cfg(**model))
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"tensor_parallel_size": 2}, "tensor_parallel_size > 1 is not supported yet"),
+    ({"speculative": {"draft": "models/tiny-code-llama-draft"}}, "speculative decoding is not supported yet"),
+    ({"autoscaling": {"max_replicas": 3}}, "autoscaling is not supported yet"),
+    ({"kind": "embedding", "engine": "vllm"}, "embedding models run on the built-in encoder"),
+])
+def test_later_features_are_rejected_clearly(model, message):
+    with pytest.raises(ValidationError, match=message):
+        ClusterConfig.model_validate(_cfg(**model))
+
+
+def test_duplicate_names_and_empty_models():
+    with pytest.raises(ValidationError, match="repeated: m"):
+        ClusterConfig.model_validate({"models": _cfg()["models"] * 2})
+    with pytest.raises(ValidationError, match="models"):
+        ClusterConfig.model_validate({"models": []})
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "multi-model.yaml", "vllm.yaml"])
+def test_shipped_configs_validate(name):
+    from cluster.app import parse_config, resolve_source
+
+    doc = yaml.safe_load((REPO / "configs" / name).read_text())
+    app = doc["applications"][0]
+    assert app["import_path"] == "cluster.app:build"
+    cfg = parse_config(app["args"])
+    for m in cfg.models:
+        assert resolve_source(m.source)
+
+
+def test_missing_source_is_a_config_error():
+    from cluster.app import ConfigError, resolve_source
+
+    with pytest.raises(ConfigError, match="model source 'models/nope' not found"):
+        resolve_source("models/nope")
+
+
+def test_validate_cli_names_the_bad_field(tmp_path, capsys):
+    from cluster.validate import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: x\n    import_path: cluster.app:build\n"
+                   "    args: {models: [{name: m, source: models/tiny-code-llama, engine: tgi}]}\n")
+    assert main([str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "models.0.engine" in err and "'native' or 'vllm'" in err
