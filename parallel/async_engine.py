@@ -75,6 +75,12 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    def check_health(self) -> None:
+        """Raises when the loop died or a model rank is gone (call from a thread: it may block briefly)."""
+        if not self.is_alive():
+            raise EngineDeadError(f"engine loop is not running: {self.error!r}")
+        self.engine.check_health()
+
     # ---- public API -------------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -117,6 +123,7 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     # ---- the loop thread --------------------------------------------------------------------------------
     def _post(self, kind: str, payload: Any) -> None:

@@ -82,19 +82,24 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor parallelism. Only world size 1 runs in this release; the layers already shard by rank.
+    """Tensor parallelism: ``tensor_parallel_size`` ranks, each a Ray actor in a placement group.
 
-    Example: ``ParallelConfig(tensor_parallel_size=1)``.
+    Example: ``ParallelConfig(tensor_parallel_size=2, placement_strategy="STRICT_PACK")``.
     """
 
     tensor_parallel_size: int = 1
+    placement_strategy: str = "STRICT_PACK"  # SPREAD / STRICT_SPREAD to span nodes
+    cpus_per_worker: float = 1.0
+    worker_start_timeout_s: float = 300.0
 
     def validate(self) -> None:
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size} is not supported yet (only 1); "
-                "multi-process tensor parallelism is a later release"
-            )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        strategies = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+        if self.placement_strategy not in strategies:
+            raise ValueError(f"placement_strategy must be one of {strategies}, got {self.placement_strategy!r}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ import torch
 from parallel.block_manager import BlockManager
 from parallel.config import EngineConfig
 from parallel.detokenizer import IncrementalDetokenizer
+from parallel.executor import make_executor
 from parallel.inputs import encode_prompt
-from parallel.model_runner import ModelRunner, kv_bytes_per_block
-from parallel.models.loader import checkpoint_dtype, load_model, read_json
+from parallel.model_runner import kv_bytes_per_block
+from parallel.models.llama import LlamaArgs
+from parallel.models.loader import check_model_folder, checkpoint_dtype, read_json, weight_files
 from parallel.outputs import CompletionOutput, RequestOutput
 from parallel.request import Request, RequestStatus
 from parallel.sampling_params import SamplingParams
@@ -89,8 +91,9 @@ class LLMEngine:
         self.device = resolve_device(mc.device)
         self.dtype = resolve_dtype(mc.dtype, self.device, mc.path)
         torch.manual_seed(mc.seed)
-        self.model = load_model(mc.path, self.dtype, self.device)
-        args = self.model.args
+        args = self.args = LlamaArgs.from_hf(read_json(check_model_folder(mc.path), "config.json"))
+        args.check_tensor_parallel(config.parallel.tensor_parallel_size)
+        weight_files(mc.path)  # a missing checkpoint fails here, before any worker starts
         self.max_model_len = min(mc.max_model_len or args.max_position_embeddings, args.max_position_embeddings)
         if args.sliding_window:  # no sliding-window attention yet: stay inside the window, where it is exact
             self.max_model_len = min(self.max_model_len, args.sliding_window)
@@ -102,7 +105,7 @@ class LLMEngine:
         cc = config.cache
         self.block_manager = BlockManager(self.num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.num_blocks, cc.block_size, mc.seed)
+        self.executor = make_executor(config, self.device, self.dtype, self.num_blocks)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
@@ -114,12 +117,15 @@ class LLMEngine:
         cc = self.config.cache
         if cc.num_blocks is not None:
             return cc.num_blocks
-        per_block = kv_bytes_per_block(self.model, cc.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.args, self.config.parallel.tensor_parallel_size, cc.block_size, self.dtype)
         if cc.kv_cache_memory_bytes is not None:
             budget = cc.kv_cache_memory_bytes
         elif self.device.type == "cuda":
+            # Weights load after the cache is sized: subtract this rank's share of them, and 1 GiB of activations.
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(free - (1 - cc.gpu_memory_utilization) * total)
+            weights = self.args.num_parameters * torch.tensor([], dtype=self.dtype).element_size()
+            weights //= self.config.parallel.tensor_parallel_size
+            budget = int(free - (1 - cc.gpu_memory_utilization) * total) - weights - (1 << 30)
         else:
             budget = _CPU_KV_BYTES
         # More than every sequence at full length cannot be used at once; the rest only feeds the prefix cache.
@@ -161,10 +167,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def check_health(self) -> None:
+        """Raises when a model rank is gone (tensor parallelism); cheap for one in-process rank."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
     # ---- the step ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
-        result = self.runner.execute(sched_out)
+        result = self.executor.execute(sched_out)
         changed = self.scheduler.update(sched_out, result)
         outputs = []
         now = time.monotonic()

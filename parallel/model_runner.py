@@ -9,14 +9,15 @@ from __future__ import annotations
 import torch
 
 from parallel.layers.attention import AttentionMetadata, PrefillSeq, build_attention_metadata
-from parallel.models.llama import LlamaForCausalLM
+from parallel.models.llama import LlamaArgs, LlamaForCausalLM
 from parallel.sampler import Sampler
 from parallel.scheduler import SchedulerOutput, StepResult
 
 
-def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
-    attn = model.attention_layers()
-    per_token = sum(2 * a.num_kv_heads * a.head_dim for a in attn)
+def kv_bytes_per_block(args: LlamaArgs, tp_size: int, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block on one rank (KV heads are split over ranks, replicated when fewer than ranks)."""
+    kv_heads = max(1, args.num_kv_heads // tp_size)
+    per_token = 2 * args.num_layers * kv_heads * args.head_dim
     return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
 
 
@@ -28,8 +29,10 @@ class ModelRunner:
         >>> result = runner.execute(scheduler.schedule())
     """
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, seed: int = 0) -> None:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, seed: int = 0,
+                 sample: bool = True) -> None:
         self.model = model
+        self.sample = sample  # tensor-parallel ranks > 0 run the layers (for the collectives) but never sample
         self.block_size = block_size
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -68,7 +71,7 @@ class ModelRunner:
             [(s.start_pos, len(s.token_ids), s.block_table) for s in out.scheduled], self.block_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta)
         sampled = [s for s in out.scheduled if s.sample]
-        if not sampled:
+        if not sampled or not self.sample:
             return StepResult({})
         logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
         tokens, logprobs = self.sampler(logits, [s.params for s in sampled],

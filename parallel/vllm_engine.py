@@ -125,6 +125,10 @@ class VllmEngine:
     def is_alive(self) -> bool:
         return not self.llm.errored
 
+    def check_health(self) -> None:
+        if self.llm.errored:
+            raise RuntimeError(f"vLLM engine failed: {self.llm.dead_error!r}")
+
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         ids = self.encode_prompt(prompt)

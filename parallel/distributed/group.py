@@ -6,9 +6,11 @@ World size 1 is the in-process case: every collective is the identity. A torch.d
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,28 @@ class TPGroup:
     def single(cls) -> TPGroup:
         return cls(0, 1)
 
+    @classmethod
+    def connect(cls, rank: int, world_size: int, init_method: str, backend: str | None = None,
+                timeout_s: float = 60.0) -> TPGroup:
+        """Join the process group of this process (one per worker): gloo on CPU, NCCL on CUDA.
+
+        The timeout bounds how long a collective waits for a dead peer before raising.
+        """
+        if world_size > 1 and not dist.is_initialized():
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        return cls(rank, world_size)
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (in place where the backend allows)."""
         if self.world_size == 1:
             return x
-        torch.distributed.all_reduce(x)
+        dist.all_reduce(x)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -40,7 +59,7 @@ class TPGroup:
         if self.world_size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=dim)
 
     def shard(self, size: int, what: str) -> int:

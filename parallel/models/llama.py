@@ -48,6 +48,23 @@ class LlamaArgs:
     mlp_bias: bool
     sliding_window: int | None
 
+    @property
+    def num_parameters(self) -> int:
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attn = h * self.num_heads * self.head_dim * 2 + h * kv * 2
+        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embed + h
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Shapes must split evenly over ``tp`` ranks; the message gives the numbers."""
+        problems = [f"{name}={value}" for name, value in (
+            ("num_attention_heads", self.num_heads), ("intermediate_size", self.intermediate_size)) if value % tp]
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            problems.append(f"num_key_value_heads={self.num_kv_heads} (must divide, or be a multiple of, it)")
+        if problems:
+            raise ValueError(f"tensor_parallel_size={tp} does not divide {', '.join(problems)}")
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> LlamaArgs:
         archs = cfg.get("architectures") or []

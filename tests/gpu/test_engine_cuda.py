@@ -14,7 +14,7 @@ def test_cuda_float32_logits_match_transformers(llama_path):
     llm = LLM(str(llama_path), skip_tokenizer_init=True, dtype="float32", device="cuda")
     hf = AutoModelForCausalLM.from_pretrained(llama_path, dtype=torch.float32).cuda().eval()
     for prompt in PROMPTS:
-        ours = llm.engine.runner.prompt_logits(prompt)
+        ours = llm.engine.executor.prompt_logits(prompt)
         with torch.no_grad():
             ref = hf(torch.tensor([prompt], device="cuda")).logits[0].float()
         assert (ours - ref).abs().max().item() <= 1e-3

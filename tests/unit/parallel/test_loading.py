@@ -39,7 +39,7 @@ def test_sharded_checkpoint_with_index(tmp_path, llama_path, llama_llm):
     assert llm.generate(prompt)[0].token_ids is not None
     import torch
 
-    assert torch.equal(llm.engine.runner.prompt_logits(prompt[0]), llama_llm.engine.runner.prompt_logits(prompt[0]))
+    assert torch.equal(llm.engine.executor.prompt_logits(prompt[0]), llama_llm.engine.executor.prompt_logits(prompt[0]))
 
 
 def test_missing_tokenizer_is_a_clear_error(llama_path):
@@ -51,7 +51,15 @@ def test_config_validation():
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig.from_options("m", block_size=12)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
-        EngineConfig.from_options("m", tensor_parallel_size=2)
+        EngineConfig.from_options("m", tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="placement_strategy"):
+        EngineConfig.from_options("m", tensor_parallel_size=2, placement_strategy="RANDOM")
     with pytest.raises(TypeError, match="unknown engine option 'bogus'"):
         EngineConfig.from_options("m", bogus=1)
     assert EngineConfig.from_options("m", kv_cache_memory=1 << 20).cache.kv_cache_memory_bytes == 1 << 20
+
+
+def test_tensor_parallel_size_must_divide_the_heads(llama_path):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide num_attention_heads=4, "
+                                         r"intermediate_size=160, num_key_value_heads=2"):
+        LLM(str(llama_path), skip_tokenizer_init=True, tensor_parallel_size=3)

@@ -37,7 +37,7 @@ def test_logits_match_transformers(random_models, name):
     engine = LLMEngine(EngineConfig.from_options(str(path), skip_tokenizer_init=True, dtype="float32"))
     hf = _hf(path)
     for prompt in PROMPTS:
-        ours = engine.runner.prompt_logits(prompt)
+        ours = engine.executor.prompt_logits(prompt)
         with torch.no_grad():
             ref = hf(torch.tensor([prompt])).logits[0].float()
         assert ours.shape == ref.shape
