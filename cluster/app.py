@@ -49,9 +49,26 @@ def parse_config(args: dict[str, Any]) -> ClusterConfig:
 
 
 def _deployment_options(m: ModelSpec) -> dict[str, Any]:
-    return {"name": m.name, "num_replicas": m.num_replicas, "max_ongoing_requests": m.max_ongoing_requests,
-            "max_queued_requests": m.max_queued_requests,
-            "ray_actor_options": {"num_cpus": m.resources.num_cpus, "num_gpus": m.resources.num_gpus}}
+    options: dict[str, Any] = {
+        "name": m.name, "num_replicas": m.num_replicas, "max_ongoing_requests": m.max_ongoing_requests,
+        "max_queued_requests": m.max_queued_requests, "health_check_period_s": m.health_check_period_s,
+        "ray_actor_options": {"num_cpus": m.resources.num_cpus, "num_gpus": m.resources.num_gpus}}
+    if m.tensor_parallel_size > 1:
+        # One placement group per replica: bundle 0 holds the replica (scheduler), bundles 1..N the ranks.
+        rank = {"GPU": 1.0, "CPU": m.cpus_per_worker} if m.resources.num_gpus else {"CPU": m.cpus_per_worker}
+        options["ray_actor_options"] = {"num_cpus": m.resources.num_cpus, "num_gpus": 0}
+        options["placement_group_bundles"] = [{"CPU": m.resources.num_cpus}] + [rank] * m.tensor_parallel_size
+        options["placement_group_strategy"] = m.placement_strategy
+    return options
+
+
+def _engine_options(m: ModelSpec) -> dict[str, Any]:
+    options = m.engine_options.model_dump(exclude_none=True)
+    if m.tensor_parallel_size > 1:
+        options["tensor_parallel_size"] = m.tensor_parallel_size
+        if m.engine == "native":
+            options.update(placement_strategy=m.placement_strategy, cpus_per_worker=m.cpus_per_worker)
+    return options
 
 
 def build(args: dict[str, Any]) -> Application:
@@ -61,8 +78,8 @@ def build(args: dict[str, Any]) -> Application:
     for m in cfg.models:
         source = resolve_source(m.source)
         if m.kind == "llm":
-            options = m.engine_options.model_dump(exclude_none=True)
-            llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine, options)
+            llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine,
+                                                                             _engine_options(m))
         else:
             embedders[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
     r = cfg.router

@@ -73,18 +73,21 @@ class ModelSpec(_Strict):
     source: str = Field(min_length=1, description="local HF folder, or package:<module> for packaged models")
     engine: Literal["native", "vllm"] = "native"
     engine_options: EngineOptions = Field(default_factory=EngineOptions)
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="ranks per replica, each in its own bundle")
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per tensor-parallel rank")
     speculative: SpeculativeSpec | None = None
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingSpec | None = None
     resources: Resources = Field(default_factory=Resources)
     max_ongoing_requests: int = Field(64, ge=1, description="per replica, before Serve queues at the caller")
     max_queued_requests: int = Field(256, ge=-1, description="beyond this Serve rejects with 503 (-1: no limit)")
+    health_check_period_s: float = Field(10.0, gt=0, description="how often Serve checks the replica (and its ranks)")
 
     @model_validator(mode="after")
     def _not_yet(self) -> ModelSpec:
-        if self.tensor_parallel_size > 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet: tensor parallelism is a later release")
+        if self.tensor_parallel_size > 1 and self.kind == "embedding":
+            raise ValueError("tensor_parallel_size applies to llm models only")
         if self.speculative is not None:
             raise ValueError("speculative decoding is not supported yet: remove 'speculative' for now")
         if self.autoscaling is not None:

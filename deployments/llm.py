@@ -8,6 +8,7 @@ engine request and frees its KV blocks.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
@@ -60,9 +61,9 @@ class LLMServer:
                     self.engine.max_model_len)
 
     # ---- Serve hooks ------------------------------------------------------------------------------------
-    def check_health(self) -> None:
-        if not self.engine.is_alive():
-            raise RuntimeError(f"engine of {self.model_name} is dead")
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica (and so all its ranks)."""
+        await asyncio.to_thread(self.engine.check_health)
 
     # ---- API --------------------------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
@@ -70,6 +71,12 @@ class LLMServer:
 
     async def stats(self) -> dict[str, Any]:
         return dataclasses.asdict(self.engine.stats())
+
+    async def worker_pids(self) -> list[int]:
+        """Process ids of the tensor-parallel ranks (empty for one in-process rank); for operators and tests."""
+        executor = getattr(getattr(self.engine, "engine", None), "executor", None)
+        pids = getattr(executor, "worker_pids", None)
+        return await asyncio.to_thread(pids) if pids else []
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """The whole completion at once: text, token ids, finish reason, usage (or the error item)."""
@@ -104,6 +111,11 @@ class LLMServer:
                        if c.logprobs is not None and n_new else None}
         except ValueError as err:  # the engine refused it (e.g. the KV cache cannot hold it): the client's limit
             yield OpenAIError(400, str(err), param="prompt").to_item()
+        except Exception as err:
+            logger.error("model %s failed during request %s: %r", self.model_name, request_id, err)
+            yield OpenAIError(503, f"model {self.model_name!r} failed while generating ({type(err).__name__}); "
+                              "its replica is being replaced, retry", type_="server_error", code="replica_failed",
+                              retry_after=1).to_item()
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def _prompt(self, request: dict[str, Any]) -> list[int]:

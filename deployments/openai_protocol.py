@@ -32,12 +32,12 @@ class OpenAIError(Exception):
 
     def to_item(self) -> dict[str, Any]:
         """As a stream item, so it crosses deployment handles as plain data."""
-        return {"error": self.body()["error"], "status": self.status}
+        return {"error": self.body()["error"], "status": self.status, "retry_after": self.retry_after}
 
     @classmethod
     def from_item(cls, item: dict[str, Any]) -> OpenAIError:
         e = item["error"]
-        return cls(item["status"], e["message"], e.get("type"), e.get("param"), e.get("code"))
+        return cls(item["status"], e["message"], e.get("type"), e.get("param"), e.get("code"), item.get("retry_after"))
 
 
 class StreamOptions(BaseModel):

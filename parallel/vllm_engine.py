@@ -40,6 +40,19 @@ def _private_dirs() -> None:
     os.makedirs(os.environ["VLLM_RPC_BASE_PATH"], exist_ok=True)
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cpu_binding(ranks: int, cores: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND value splitting ``cores`` evenly over ``ranks`` ("0|1", "0-3|4-7")."""
+    per = max(1, cores // ranks)
+    spans = [(r * per % cores, min(r * per % cores + per, cores) - 1) for r in range(ranks)]
+    return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def to_vllm_params(params: SamplingParams) -> Any:
     from vllm import SamplingParams as VllmParams
     from vllm.sampling_params import RequestOutputKind
@@ -111,6 +124,10 @@ class VllmEngine:
                 kwargs[_ENGINE_ARG_NAMES[key]] = value
         if kwargs.get("dtype") == "auto":
             kwargs.pop("dtype")
+        tp = int(kwargs.get("tensor_parallel_size", 1))
+        if tp > 1 and not _has_gpu():
+            # vLLM's CPU workers bind OpenMP threads to cores: give each rank its own share, "0|1" for two.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tp, os.cpu_count() or 1))
         self._stats = _StatsKeeper()
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self._stats.factory])
         self.max_model_len: int = self.llm.model_config.max_model_len

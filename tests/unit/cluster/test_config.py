@@ -35,7 +35,7 @@ def test_bad_fields_are_named(model, field):
 
 
 @pytest.mark.parametrize("model, message", [
-    ({"tensor_parallel_size": 2}, "tensor_parallel_size > 1 is not supported yet"),
+    ({"kind": "embedding", "tensor_parallel_size": 2}, "tensor_parallel_size applies to llm models only"),
     ({"speculative": {"draft": "models/tiny-code-llama-draft"}}, "speculative decoding is not supported yet"),
     ({"autoscaling": {"max_replicas": 3}}, "autoscaling is not supported yet"),
     ({"kind": "embedding", "engine": "vllm"}, "embedding models run on the built-in encoder"),
@@ -80,3 +80,17 @@ def test_validate_cli_names_the_bad_field(tmp_path, capsys):
     assert main([str(bad)]) == 1
     err = capsys.readouterr().err
     assert "models.0.engine" in err and "'native' or 'vllm'" in err
+
+
+def test_tensor_parallel_reserves_a_placement_group_per_replica():
+    from cluster.app import _deployment_options, _engine_options
+
+    m = ClusterConfig.model_validate(_cfg(tensor_parallel_size=2, cpus_per_worker=0.5,
+                                          resources={"num_cpus": 0.25})).models[0]
+    opts = _deployment_options(m)
+    assert opts["placement_group_bundles"] == [{"CPU": 0.25}, {"CPU": 0.5}, {"CPU": 0.5}]
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    assert _engine_options(m)["tensor_parallel_size"] == 2
+    gpu = ClusterConfig.model_validate(_cfg(tensor_parallel_size=2, placement_strategy="SPREAD",
+                                            resources={"num_gpus": 1})).models[0]
+    assert _deployment_options(gpu)["placement_group_bundles"][1] == {"GPU": 1.0, "CPU": 1.0}
