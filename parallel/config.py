@@ -91,6 +91,7 @@ class ParallelConfig:
     placement_strategy: str = "STRICT_PACK"  # SPREAD / STRICT_SPREAD to span nodes
     cpus_per_worker: float = 1.0
     worker_start_timeout_s: float = 300.0
+    profile_collectives: bool = False  # time every all-reduce (benchmarks/tensor_parallel.py)
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -7,10 +7,25 @@ World size 1 is the in-process case: every collective is the identity. A torch.d
 from __future__ import annotations
 
 import datetime
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class CollectiveStats:
+    """Time spent in collectives, for benchmarks (``ParallelConfig.profile_collectives``)."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+
+    def snapshot_and_reset(self) -> dict[str, float]:
+        out = {"calls": self.calls, "seconds": self.seconds, "bytes": self.bytes}
+        self.calls, self.seconds, self.bytes = 0, 0.0, 0
+        return out
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,7 @@ class TPGroup:
 
     rank: int = 0
     world_size: int = 1
+    stats: CollectiveStats | None = field(default=None, compare=False)
 
     @classmethod
     def single(cls) -> TPGroup:
@@ -32,7 +48,7 @@ class TPGroup:
 
     @classmethod
     def connect(cls, rank: int, world_size: int, init_method: str, backend: str | None = None,
-                timeout_s: float = 60.0) -> TPGroup:
+                timeout_s: float = 60.0, profile: bool = False) -> TPGroup:
         """Join the process group of this process (one per worker): gloo on CPU, NCCL on CUDA.
 
         The timeout bounds how long a collective waits for a dead peer before raising.
@@ -41,7 +57,7 @@ class TPGroup:
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(rank, world_size)
+        return cls(rank, world_size, CollectiveStats() if profile else None)
 
     def close(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
@@ -51,7 +67,14 @@ class TPGroup:
         """Sum over ranks (in place where the backend allows)."""
         if self.world_size == 1:
             return x
+        if self.stats is None:
+            dist.all_reduce(x)
+            return x
+        start = time.perf_counter()
         dist.all_reduce(x)
+        self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.bytes += x.numel() * x.element_size()
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import ray
 import torch
@@ -43,14 +44,26 @@ class TPWorker:
               dtype: torch.dtype, num_blocks: int, threads: int) -> int:
         torch.set_num_threads(threads)
         self.rank = rank
-        self.group = TPGroup.connect(rank, world_size, init_method)
+        self.group = TPGroup.connect(rank, world_size, init_method, profile=config.parallel.profile_collectives)
+        self.step_seconds = 0.0
         dev = torch.device(f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
         model = load_model(config.model.path, dtype, dev, self.group)
         self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.model.seed, sample=rank == 0)
         return rank
 
     def execute(self, out: SchedulerOutput) -> StepResult:
-        return self.runner.execute(out)
+        if self.group.stats is None:
+            return self.runner.execute(out)
+        start = time.perf_counter()
+        result = self.runner.execute(out)
+        self.step_seconds += time.perf_counter() - start
+        return result
+
+    def collective_stats(self) -> dict[str, float]:
+        """All-reduce calls/seconds/bytes and step seconds since the last call (profile_collectives only)."""
+        stats = self.group.stats.snapshot_and_reset() if self.group.stats else {}
+        stats["step_seconds"], self.step_seconds = self.step_seconds, 0.0
+        return stats
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         return self.runner.prompt_logits(token_ids)
@@ -104,6 +117,9 @@ class RayTPExecutor:
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         return ray.get([w.prompt_logits.remote(token_ids) for w in self.workers])[0]
+
+    def collective_stats(self) -> list[dict[str, float]]:
+        return ray.get([w.collective_stats.remote() for w in self.workers])
 
     def worker_pids(self) -> list[int]:
         return ray.get([w.pid.remote() for w in self.workers])
