@@ -105,17 +105,23 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Draft/target speculative decoding. Not enabled in this release (num_speculative_tokens must be 0).
+    """Draft/target speculative decoding: a draft model (same tokenizer) proposes k tokens per step.
 
-    Example: ``SpeculativeConfig()``.
+    Example: ``SpeculativeConfig(draft_path="models/tiny-code-llama-draft", num_speculative_tokens=4)``.
     """
 
     draft_path: str | None = None
     num_speculative_tokens: int = 0
 
+    @property
+    def enabled(self) -> bool:
+        return self.draft_path is not None
+
     def validate(self) -> None:
-        if self.draft_path is not None or self.num_speculative_tokens:
-            raise ValueError("speculative decoding is not supported yet: leave draft/num_speculative_tokens unset")
+        if self.draft_path is None and self.num_speculative_tokens:
+            raise ValueError("num_speculative_tokens needs a draft model (draft_path)")
+        if self.draft_path is not None and not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for part in (self.model, self.cache, self.scheduler, self.parallel, self.speculative):
             part.validate()
+        if self.speculative.enabled and self.parallel.tensor_parallel_size > 1:
+            raise ValueError("speculative decoding with tensor_parallel_size > 1 is not supported yet")
 
     @classmethod
     def from_options(cls, path: str, **options: Any) -> EngineConfig:
@@ -148,7 +156,8 @@ class EngineConfig:
             "parallel": ParallelConfig,
             "speculative": SpeculativeConfig,
         }
-        aliases = {"kv_cache_memory": "kv_cache_memory_bytes", "num_gpu_blocks_override": "num_blocks"}
+        aliases = {"kv_cache_memory": "kv_cache_memory_bytes", "num_gpu_blocks_override": "num_blocks",
+                   "speculative_model": "draft_path", "draft": "draft_path"}
         for key, value in options.items():
             key = aliases.get(key, key)
             for part, klass in owners.items():

@@ -46,6 +46,8 @@ class EngineStats:
     tokens_per_s: float  # generated tokens per second over the last ``window_s``
     num_preemptions: int
     num_aborted: int = 0  # requests stopped before finishing (client disconnects, explicit aborts)
+    spec_acceptance_rate: float = 0.0  # accepted / proposed draft tokens
+    spec_mean_tokens_per_step: float = 0.0  # tokens emitted per verification step (accepted + 1)
     window_s: float = 10.0
 
 
@@ -104,8 +106,9 @@ class LLMEngine:
         self.num_blocks = self._num_blocks()
         cc = config.cache
         self.block_manager = BlockManager(self.num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
-        self.executor = make_executor(config, self.device, self.dtype, self.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
+                                   num_lookahead=config.speculative.num_speculative_tokens)
+        self.executor = make_executor(config, self.device, self.dtype, self.num_blocks, self.max_model_len)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
@@ -118,6 +121,9 @@ class LLMEngine:
         if cc.num_blocks is not None:
             return cc.num_blocks
         per_block = kv_bytes_per_block(self.args, self.config.parallel.tensor_parallel_size, cc.block_size, self.dtype)
+        if self.config.speculative.enabled:  # the draft's cache uses the same blocks
+            draft = LlamaArgs.from_hf(read_json(check_model_folder(self.config.speculative.draft_path), "config.json"))
+            per_block += kv_bytes_per_block(draft, 1, cc.block_size, self.dtype)
         if cc.kv_cache_memory_bytes is not None:
             budget = cc.kv_cache_memory_bytes
         elif self.device.type == "cuda":
@@ -230,9 +236,13 @@ class LLMEngine:
         now = time.monotonic()
         while self._token_times and self._token_times[0][0] < now - window_s:
             self._token_times.popleft()
-        bm = self.block_manager
+        bm, sched = self.block_manager, self.scheduler
         return EngineStats(
             num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
             kv_blocks_used=bm.num_used_blocks, kv_blocks_total=bm.num_blocks, kv_usage=bm.usage,
             prefix_hit_rate=bm.prefix_hit_rate, tokens_per_s=sum(n for _, n in self._token_times) / window_s,
-            num_preemptions=self.scheduler.num_preemptions, num_aborted=self.num_aborted, window_s=window_s)
+            num_preemptions=self.scheduler.num_preemptions, num_aborted=self.num_aborted,
+            spec_acceptance_rate=sched.num_accepted_tokens / sched.num_draft_tokens if sched.num_draft_tokens else 0.0,
+            spec_mean_tokens_per_step=(1 + sched.num_accepted_tokens / sched.num_verify_steps
+                                       if sched.num_verify_steps else 0.0),
+            window_s=window_s)

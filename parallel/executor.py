@@ -14,6 +14,7 @@ from parallel.config import EngineConfig
 from parallel.model_runner import ModelRunner
 from parallel.models.loader import load_model
 from parallel.scheduler import SchedulerOutput, StepResult
+from parallel.speculative import DraftProposer
 
 
 class Executor(Protocol):
@@ -33,12 +34,22 @@ class UniProcExecutor:
 
     Example:
         >>> ex = UniProcExecutor(EngineConfig.from_options("models/tiny-code-llama"), torch.device("cpu"),
-        ...                      torch.float32, num_blocks=64)
+        ...                      torch.float32, num_blocks=64, max_model_len=1024)
     """
 
-    def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, num_blocks: int,
+                 max_model_len: int) -> None:
         model = load_model(config.model.path, dtype, device)
-        self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.model.seed)
+        proposer = None
+        spec = config.speculative
+        if spec.enabled:
+            draft = load_model(spec.draft_path, dtype, device)
+            if draft.args.vocab_size != model.args.vocab_size:
+                raise ValueError(f"draft vocab_size={draft.args.vocab_size} differs from the target's "
+                                 f"{model.args.vocab_size}: the draft must share the target's tokenizer")
+            proposer = DraftProposer(draft, num_blocks, config.cache.block_size, spec.num_speculative_tokens,
+                                     max_model_len)
+        self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.model.seed, proposer=proposer)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute(out)
@@ -53,9 +64,10 @@ class UniProcExecutor:
         return None
 
 
-def make_executor(config: EngineConfig, device: torch.device, dtype: torch.dtype, num_blocks: int) -> Executor:
+def make_executor(config: EngineConfig, device: torch.device, dtype: torch.dtype, num_blocks: int,
+                  max_model_len: int) -> Executor:
     if config.parallel.tensor_parallel_size == 1:
-        return UniProcExecutor(config, device, dtype, num_blocks)
+        return UniProcExecutor(config, device, dtype, num_blocks, max_model_len)
     from parallel.distributed.ray_executor import RayTPExecutor
 
     return RayTPExecutor(config, device, dtype, num_blocks)

@@ -10,8 +10,9 @@ import torch
 
 from parallel.layers.attention import AttentionMetadata, PrefillSeq, build_attention_metadata
 from parallel.models.llama import LlamaArgs, LlamaForCausalLM
-from parallel.sampler import Sampler
-from parallel.scheduler import SchedulerOutput, StepResult
+from parallel.sampler import Sampler, logprob_entry
+from parallel.scheduler import ScheduledRequest, SchedulerOutput, StepResult
+from parallel.speculative import DraftProposer, DraftWork, verify
 
 
 def kv_bytes_per_block(args: LlamaArgs, tp_size: int, block_size: int, dtype: torch.dtype) -> int:
@@ -30,8 +31,9 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, seed: int = 0,
-                 sample: bool = True) -> None:
+                 sample: bool = True, proposer: DraftProposer | None = None) -> None:
         self.model = model
+        self.proposer = proposer
         self.sample = sample  # tensor-parallel ranks > 0 run the layers (for the collectives) but never sample
         self.block_size = block_size
         param = next(model.parameters())
@@ -57,28 +59,76 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         for request_id in out.finished_request_ids:
             self._generators.pop(request_id, None)
+            if self.proposer is not None:
+                self.proposer.forget(request_id)
         if not out.scheduled:
             return StepResult({})
         ids: list[int] = []
         positions: list[int] = []
-        sample_index: list[int] = []
+        rows: list[int] = []  # logits rows: the last 1 + num_draft positions of each sampled request
         for s in out.scheduled:
             ids.extend(s.token_ids)
             positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
             if s.sample:
-                sample_index.append(len(ids) - 1)
+                rows.extend(range(len(ids) - 1 - s.num_draft, len(ids)))
         meta = build_attention_metadata(
             [(s.start_pos, len(s.token_ids), s.block_table) for s in out.scheduled], self.block_size, self.device)
         hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta)
         sampled = [s for s in out.scheduled if s.sample]
-        if not sampled or not self.sample:
+        if not self.sample:
             return StepResult({})
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
-        tokens, logprobs = self.sampler(logits, [s.params for s in sampled],
-                                        [self._generator(s.request_id, s.params.seed) for s in sampled])
-        result = {s.request_id: (t,) for s, t in zip(sampled, tokens, strict=True)}
-        lp = {s.request_id: (e,) for s, e in zip(sampled, logprobs, strict=True) if e is not None}
-        return StepResult(result, lp or None)
+        gens = {s.request_id: self._generator(s.request_id, s.params.seed) for s in sampled}
+        if not sampled:  # prefill chunks only; the draft still has to keep pace with them
+            drafts = self._propose(out, {}, {}, gens) if self.proposer is not None else None
+            return StepResult({}, None, drafts)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if any(s.num_draft for s in sampled):
+            emitted, logprobs, accepted = self._verify(sampled, logits, gens)
+        else:
+            tokens, lps = self.sampler(logits, [s.params for s in sampled], [gens[s.request_id] for s in sampled])
+            emitted = {s.request_id: (t,) for s, t in zip(sampled, tokens, strict=True)}
+            logprobs = {s.request_id: (e,) for s, e in zip(sampled, lps, strict=True) if e is not None}
+            accepted = None
+        drafts = self._propose(out, emitted, accepted or {}, gens) if self.proposer is not None else None
+        return StepResult(emitted, logprobs or None, drafts, accepted)
+
+    def _verify(self, sampled: list[ScheduledRequest], logits: torch.Tensor, gens: dict[str, torch.Generator | None]
+                ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[dict[int, float], ...]], dict[str, int]]:
+        """Speculative verification of each request's proposals against the target's k+1 distributions."""
+        assert self.proposer is not None
+        emitted, logprobs, accepted = {}, {}, {}
+        offset = 0
+        raw = logits.float().log_softmax(dim=-1) if any(s.params.logprobs is not None for s in sampled) else None
+        for s in sampled:
+            n = 1 + s.num_draft
+            block = logits[offset:offset + n]
+            p = self.sampler.probs(block, [s.params] * n)
+            drafts = s.token_ids[len(s.token_ids) - s.num_draft:]
+            q = self.proposer.pending_q(s.request_id)
+            tokens, j = verify(p, q[: s.num_draft] if q is not None else None, drafts, s.params, self.sampler,
+                               gens[s.request_id])
+            emitted[s.request_id], accepted[s.request_id] = tuple(tokens), j
+            if raw is not None and s.params.logprobs is not None:
+                logprobs[s.request_id] = tuple(logprob_entry(raw[offset + i], t, s.params.logprobs)
+                                               for i, t in enumerate(tokens))
+            offset += n
+        return emitted, logprobs, accepted
+
+    def _propose(self, out: SchedulerOutput, emitted: dict[str, tuple[int, ...]], accepted: dict[str, int],
+                 gens: dict[str, torch.Generator | None]) -> dict[str, tuple[int, ...]]:
+        assert self.proposer is not None
+        works = []
+        for s in out.scheduled:
+            real = len(s.token_ids) - s.num_draft
+            j = accepted.get(s.request_id, 0)
+            known = s.token_ids[:real] + emitted.get(s.request_id, ())
+            state = self.proposer.state.get(s.request_id)
+            valid = s.start_pos if s.resumed or state is None else min(state.computed, s.start_pos + real + j)
+            works.append(DraftWork(s.request_id, known, s.start_pos, valid, s.block_table,
+                                   s.request_id in emitted, s.params))
+        for s in out.scheduled:  # seeded requests need a generator for their draft draws too
+            gens.setdefault(s.request_id, self._generator(s.request_id, s.params.seed))
+        return self.proposer.step(works, gens, self.sampler)
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -46,6 +46,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache on first schedule
         self.block_table: list[int] = []
+        self.spec_token_ids: list[int] = []  # draft proposals waiting to be verified next step
         self.status = RequestStatus.WAITING
         self.arrival_time = time.monotonic()
         self.num_preemptions = 0

@@ -42,6 +42,38 @@ class Sampler:
     def __init__(self, default_generator: torch.Generator | None = None) -> None:
         self.default_generator = default_generator
 
+    @staticmethod
+    def probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+        """The distribution each row samples from: softmax(logits / T) restricted to top-k / top-p.
+
+        Rows of greedy requests are left at temperature 1 (their token is the argmax either way).
+        """
+        logits = logits.float()
+        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
+        logits = logits / temps[:, None]
+        top_k = torch.tensor([p.effective_top_k for p in params], device=logits.device)
+        top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
+        if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+            logits = apply_top_k_top_p(logits, top_k, top_p)
+        return logits.softmax(dim=-1)
+
+    def race(self, n: int, vocab: int, generators: Sequence[torch.Generator | None],
+             device: torch.device) -> torch.Tensor:
+        """E ~ Exp(1) noise, one row per request; seeded requests draw from their own generator."""
+        noise = torch.empty(n, vocab, device=device)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if unseeded:
+            noise[unseeded] = torch.empty(len(unseeded), vocab, device=device).exponential_(
+                generator=self.default_generator)
+        for i, g in enumerate(generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        return noise
+
+    def sample_from(self, probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+        """One draw per row of ``probs`` (argmax_i p_i / E_i)."""
+        return (probs / self.race(probs.shape[0], probs.shape[1], generators, probs.device)).argmax(dim=-1)
+
     def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                  generators: Sequence[torch.Generator | None]) -> tuple[list[int], list[dict[int, float] | None]]:
         logits = logits.float()
@@ -51,32 +83,21 @@ class Sampler:
         sample_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sample_rows:
             rows = torch.tensor(sample_rows, device=logits.device)
-            sub = logits[rows]
-            sub = sub / torch.tensor([params[i].temperature for i in sample_rows], device=sub.device)[:, None]
-            top_k = torch.tensor([params[i].effective_top_k for i in sample_rows], device=sub.device)
-            top_p = torch.tensor([params[i].top_p for i in sample_rows], device=sub.device, dtype=sub.dtype)
-            if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
-                sub = apply_top_k_top_p(sub, top_k, top_p)
-            probs = sub.softmax(dim=-1)
-            race = torch.empty_like(probs)
-            unseeded = [j for j, i in enumerate(sample_rows) if generators[i] is None]
-            if unseeded:
-                race[unseeded] = torch.empty(len(unseeded), probs.shape[-1], device=probs.device).exponential_(
-                    generator=self.default_generator)
-            for j, i in enumerate(sample_rows):
-                if generators[i] is not None:
-                    race[j].exponential_(generator=generators[i])
-            tokens[rows] = (probs / race).argmax(dim=-1)
+            probs = self.probs(logits[rows], [params[i] for i in sample_rows])
+            tokens[rows] = self.sample_from(probs, [generators[i] for i in sample_rows])
         token_list = tokens.tolist()
         logprobs: list[dict[int, float] | None] = [None] * len(params)
         if raw_logprobs is not None:
             for i, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                row = raw_logprobs[i]
-                entry = {token_list[i]: float(row[token_list[i]])}
-                if p.logprobs:
-                    values, ids = row.topk(p.logprobs)
-                    entry.update({int(t): float(v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)})
-                logprobs[i] = entry
+                if p.logprobs is not None:
+                    logprobs[i] = logprob_entry(raw_logprobs[i], token_list[i], p.logprobs)
         return token_list, logprobs
+
+
+def logprob_entry(row: torch.Tensor, token: int, top_n: int) -> dict[int, float]:
+    """The chosen token's log-probability and the top_n alternatives (raw model log-probs, as vLLM v1)."""
+    entry = {token: float(row[token])}
+    if top_n:
+        values, ids = row.topk(top_n)
+        entry.update({int(t): float(v) for t, v in zip(ids.tolist(), values.tolist(), strict=True)})
+    return entry

@@ -33,6 +33,8 @@ class ScheduledRequest:
     block_table: tuple[int, ...]
     sample: bool  # the chunk reaches the last known token, so the step samples the next one
     params: SamplingParams
+    num_draft: int = 0  # the last num_draft token ids are speculative proposals for the target to verify
+    resumed: bool = False  # first step since (re)admission: per-request device state starts over here
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class StepResult:
 
     sampled: dict[str, tuple[int, ...]]
     logprobs: dict[str, tuple[dict[int, float], ...]] | None = None
+    drafts: dict[str, tuple[int, ...]] | None = None  # next step's proposals, per request
+    num_accepted: dict[str, int] | None = None  # proposals accepted this step, per verified request
 
 
 class Scheduler:
@@ -67,8 +71,10 @@ class Scheduler:
         [8]
     """
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int,
+                 num_lookahead: int = 0) -> None:
         self.config = config
+        self.num_lookahead = num_lookahead  # slots reserved beyond the scheduled tokens for draft proposals
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -76,6 +82,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
         self.num_preemptions = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_verify_steps = 0
 
     # ---- queue ------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -105,14 +114,17 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chosen: list[tuple[Request, int]] = []
+        admitted: set[Request] = set()
         preempted = 0
 
         # 1. Running requests, oldest first; preempt from the back when blocks run out.
         idx = 0
         while idx < len(self.running) and budget > 0:
             request = self.running[idx]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.block_manager.allocate_slots(request, num_new):
+            if request.num_tokens - request.num_computed_tokens + len(request.spec_token_ids) > budget:
+                request.spec_token_ids = []  # no room to verify them this step
+            num_new = min(request.num_tokens - request.num_computed_tokens + len(request.spec_token_ids), budget)
+            while not self.block_manager.allocate_slots(request, self._with_lookahead(request, num_new)):
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted += 1
@@ -135,7 +147,8 @@ class Scheduler:
             if num_new > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(num_new, budget)
-            if not self.block_manager.allocate_slots(request, num_new, cached):
+            if not self.block_manager.allocate_slots(request, self._with_lookahead(request, num_new, num_cached),
+                                                     cached):
                 break
             self.waiting.popleft()
             self.block_manager.record_prefix_lookup(request.num_tokens, num_cached)
@@ -144,25 +157,32 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            admitted.add(request)
             chosen.append((request, num_new))
             budget -= num_new
 
-        scheduled = tuple(
-            ScheduledRequest(
-                request_id=r.request_id,
-                token_ids=tuple(r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + n]),
-                start_pos=r.num_computed_tokens,
-                block_table=tuple(r.block_table),
-                sample=r.num_computed_tokens + n == r.num_tokens,
-                params=r.params,
-            )
-            for r, n in chosen
-        )
+        scheduled = tuple(self._scheduled(r, n, r in admitted) for r, n in chosen)
         finished, self._finished_ids = frozenset(self._finished_ids), set()
         return SchedulerOutput(scheduled, finished, preempted)
 
+    def _with_lookahead(self, request: Request, num_new: int, num_cached: int = 0) -> int:
+        total = request.num_computed_tokens + num_cached + num_new
+        return num_new + max(0, min(self.num_lookahead, self.max_model_len - total))
+
+    def _scheduled(self, r: Request, n: int, resumed: bool) -> ScheduledRequest:
+        real = min(n, r.num_tokens - r.num_computed_tokens)
+        drafts = tuple(r.spec_token_ids[: n - real])
+        self.num_draft_tokens += len(drafts)
+        return ScheduledRequest(
+            request_id=r.request_id,
+            token_ids=tuple(r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + real]) + drafts,
+            start_pos=r.num_computed_tokens, block_table=tuple(r.block_table),
+            sample=r.num_computed_tokens + real == r.num_tokens, params=r.params,
+            num_draft=len(drafts), resumed=resumed)
+
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)
+        request.spec_token_ids = []
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
@@ -180,8 +200,8 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(s.token_ids)
-            self.block_manager.cache_computed_blocks(request)
             if not s.sample:
+                self.block_manager.cache_computed_blocks(request)
                 continue
             appended = 0
             for token_id in result.sampled[s.request_id]:
@@ -191,5 +211,13 @@ class Scheduler:
                 if status is not None:
                     self.finish(request.request_id, status)
                     break
+            # Rejected proposals' KV is stale: only the prefix before the newest token counts as computed.
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+            if s.num_draft and result.num_accepted is not None:
+                self.num_verify_steps += 1
+                self.num_accepted_tokens += result.num_accepted.get(s.request_id, 0)
+            if request.status == RequestStatus.RUNNING:
+                self.block_manager.cache_computed_blocks(request)
+                request.spec_token_ids = list((result.drafts or {}).get(s.request_id, ()))
             changed.append((request, appended))
         return changed
