@@ -62,8 +62,21 @@ def _deployment_options(m: ModelSpec) -> dict[str, Any]:
     return options
 
 
-def _engine_options(m: ModelSpec) -> dict[str, Any]:
+def _draft_source(m: ModelSpec, models: dict[str, ModelSpec]) -> str:
+    draft = m.speculative.draft if m.speculative else ""
+    return resolve_source(models[draft].source if draft in models else draft)
+
+
+def _engine_options(m: ModelSpec, models: dict[str, ModelSpec] | None = None) -> dict[str, Any]:
     options = m.engine_options.model_dump(exclude_none=True)
+    spec = m.speculative
+    if spec is not None:
+        draft = _draft_source(m, models or {})
+        if m.engine == "vllm":
+            options["speculative_config"] = {"method": "draft_model", "model": draft,
+                                             "num_speculative_tokens": spec.num_speculative_tokens}
+        else:
+            options.update(draft_path=draft, num_speculative_tokens=spec.num_speculative_tokens)
     if m.tensor_parallel_size > 1:
         options["tensor_parallel_size"] = m.tensor_parallel_size
         if m.engine == "native":
@@ -74,12 +87,13 @@ def _engine_options(m: ModelSpec) -> dict[str, Any]:
 def build(args: dict[str, Any]) -> Application:
     """Validate the args and compose the application graph (router -> model deployments)."""
     cfg = parse_config(args)
+    by_name = {m.name: m for m in cfg.models}
     llms, embedders = {}, {}
     for m in cfg.models:
         source = resolve_source(m.source)
         if m.kind == "llm":
             llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine,
-                                                                             _engine_options(m))
+                                                                             _engine_options(m, by_name))
         else:
             embedders[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
     r = cfg.router

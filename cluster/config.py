@@ -43,6 +43,8 @@ class EngineOptions(_Strict):
 
 
 class SpeculativeSpec(_Strict):
+    """A draft model proposing tokens for this model to verify. ``draft``: a folder, or another model's name."""
+
     draft: str
     num_speculative_tokens: int = Field(4, ge=1, le=16)
     placement: Literal["colocated", "separate"] = "colocated"
@@ -88,8 +90,10 @@ class ModelSpec(_Strict):
     def _not_yet(self) -> ModelSpec:
         if self.tensor_parallel_size > 1 and self.kind == "embedding":
             raise ValueError("tensor_parallel_size applies to llm models only")
-        if self.speculative is not None:
-            raise ValueError("speculative decoding is not supported yet: remove 'speculative' for now")
+        if self.speculative is not None and self.kind != "llm":
+            raise ValueError("speculative applies to llm models only")
+        if self.speculative is not None and self.tensor_parallel_size > 1 and self.engine == "native":
+            raise ValueError("speculative decoding with tensor_parallel_size > 1 needs engine: vllm")
         if self.autoscaling is not None:
             raise ValueError("autoscaling is not supported yet: use num_replicas for now")
         if self.kind == "embedding" and self.engine != "native":

@@ -36,7 +36,8 @@ def test_bad_fields_are_named(model, field):
 
 @pytest.mark.parametrize("model, message", [
     ({"kind": "embedding", "tensor_parallel_size": 2}, "tensor_parallel_size applies to llm models only"),
-    ({"speculative": {"draft": "models/tiny-code-llama-draft"}}, "speculative decoding is not supported yet"),
+    ({"kind": "embedding", "speculative": {"draft": "x"}}, "speculative applies to llm models only"),
+    ({"tensor_parallel_size": 2, "speculative": {"draft": "x"}}, "needs engine: vllm"),
     ({"autoscaling": {"max_replicas": 3}}, "autoscaling is not supported yet"),
     ({"kind": "embedding", "engine": "vllm"}, "embedding models run on the built-in encoder"),
 ])
@@ -94,3 +95,19 @@ def test_tensor_parallel_reserves_a_placement_group_per_replica():
     gpu = ClusterConfig.model_validate(_cfg(tensor_parallel_size=2, placement_strategy="SPREAD",
                                             resources={"num_gpus": 1})).models[0]
     assert _deployment_options(gpu)["placement_group_bundles"][1] == {"GPU": 1.0, "CPU": 1.0}
+
+
+def test_speculative_maps_to_each_engine(tmp_path):
+    from cluster.app import _engine_options
+
+    (tmp_path / "draft").mkdir()
+    cfg = ClusterConfig.model_validate({"models": [
+        {"name": "t", "source": "models/tiny-code-llama", "speculative": {"draft": "d", "num_speculative_tokens": 3}},
+        {"name": "v", "source": "models/tiny-code-llama", "engine": "vllm",
+         "speculative": {"draft": str(tmp_path / "draft")}},
+        {"name": "d", "source": str(tmp_path / "draft")}]})
+    by_name = {m.name: m for m in cfg.models}
+    native = _engine_options(by_name["t"], by_name)
+    assert native["draft_path"] == str(tmp_path / "draft") and native["num_speculative_tokens"] == 3
+    vllm = _engine_options(by_name["v"], by_name)["speculative_config"]
+    assert vllm == {"method": "draft_model", "model": str(tmp_path / "draft"), "num_speculative_tokens": 4}
