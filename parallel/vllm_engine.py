@@ -74,6 +74,7 @@ class _StatsKeeper:
         self.prefix_hits = 0
         self.preemptions = 0
         self.aborted = 0
+        self.drafts = self.draft_tokens = self.accepted_tokens = 0
         self.tokens: collections.deque[tuple[float, int]] = collections.deque()
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
@@ -91,6 +92,11 @@ class _StatsKeeper:
                     keeper.scheduler = scheduler_stats
                     keeper.prefix_queries += scheduler_stats.prefix_cache_stats.queries
                     keeper.prefix_hits += scheduler_stats.prefix_cache_stats.hits
+                    spec = scheduler_stats.spec_decoding_stats
+                    if spec is not None:
+                        keeper.drafts += spec.num_drafts
+                        keeper.draft_tokens += spec.num_draft_tokens
+                        keeper.accepted_tokens += spec.num_accepted_tokens
                 if iteration_stats is not None:
                     keeper.preemptions += iteration_stats.num_preempted_reqs
                     if iteration_stats.num_generation_tokens:
@@ -193,7 +199,10 @@ class VllmEngine:
             kv_blocks_used=round(usage * self._num_blocks), kv_blocks_total=self._num_blocks, kv_usage=usage,
             prefix_hit_rate=keeper.prefix_hits / keeper.prefix_queries if keeper.prefix_queries else 0.0,
             tokens_per_s=sum(n for _, n in keeper.tokens) / window_s, num_preemptions=keeper.preemptions,
-            num_aborted=keeper.aborted, window_s=window_s)
+            num_aborted=keeper.aborted,
+            spec_acceptance_rate=keeper.accepted_tokens / keeper.draft_tokens if keeper.draft_tokens else 0.0,
+            spec_mean_tokens_per_step=1 + keeper.accepted_tokens / keeper.drafts if keeper.drafts else 0.0,
+            window_s=window_s)
 
     def shutdown(self) -> None:
         self.llm.shutdown()
