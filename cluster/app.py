@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from ray.serve import Application
 
 from cluster.config import ClusterConfig, ModelSpec
+from deployments.draft import DraftServer
 from deployments.embedding import EmbeddingServer
 from deployments.llm import LLMServer
 from deployments.router import Router
@@ -92,8 +93,13 @@ def build(args: dict[str, Any]) -> Application:
     for m in cfg.models:
         source = resolve_source(m.source)
         if m.kind == "llm":
-            llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine,
-                                                                             _engine_options(m, by_name))
+            options = _engine_options(m, by_name)
+            draft = None
+            if m.speculative is not None and m.speculative.placement == "separate":
+                draft = DraftServer.options(name=f"{m.name}-draft-server", ray_actor_options={"num_cpus": 0.5}).bind(
+                    options.pop("draft_path"), options["num_speculative_tokens"],
+                    options.get("max_model_len", 1024), options.get("kv_cache_memory_bytes", 256 << 20))
+            llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine, options, draft)
         else:
             embedders[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
     r = cfg.router

@@ -94,6 +94,8 @@ class ModelSpec(_Strict):
             raise ValueError("speculative applies to llm models only")
         if self.speculative is not None and self.tensor_parallel_size > 1 and self.engine == "native":
             raise ValueError("speculative decoding with tensor_parallel_size > 1 needs engine: vllm")
+        if self.speculative is not None and self.speculative.placement == "separate" and self.engine != "native":
+            raise ValueError("speculative placement 'separate' needs engine: native (vLLM runs its draft inside)")
         if self.autoscaling is not None:
             raise ValueError("autoscaling is not supported yet: use num_replicas for now")
         if self.kind == "embedding" and self.engine != "native":
@@ -124,4 +126,7 @@ class ClusterConfig(_Strict):
             raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
         if "modelfleet-router" in names:
             raise ValueError("'modelfleet-router' is reserved for the router deployment")
+        taken = {f"{m.name}-draft-server" for m in self.models} & set(names)
+        if taken:
+            raise ValueError(f"names ending in '-draft-server' are reserved for draft deployments: {sorted(taken)}")
         return self

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from deployments.openai_protocol import OpenAIError
 from parallel.chat_template import render_chat
@@ -24,13 +25,17 @@ from parallel.sampling_params import SamplingParams
 logger = logging.getLogger("ray.serve")
 
 
-def make_engine(engine: str, source: str, options: dict[str, Any]) -> Any:
+def make_engine(engine: str, source: str, options: dict[str, Any], draft: DeploymentHandle | None = None) -> Any:
     if engine == "vllm":
         from parallel.vllm_engine import VllmEngine
 
         return VllmEngine(source, **options)
     from parallel.async_engine import AsyncEngine
 
+    if draft is not None:  # speculative decoding with the draft in its own deployment
+        from deployments.draft import remote_proposer
+
+        return AsyncEngine.from_options(source, proposer=remote_proposer(draft), external_draft=True, **options)
     return AsyncEngine.from_options(source, **options)
 
 
@@ -52,10 +57,10 @@ class LLMServer:
     """
 
     def __init__(self, model_name: str, source: str, engine: str = "native",
-                 engine_options: dict[str, Any] | None = None) -> None:
+                 engine_options: dict[str, Any] | None = None, draft: DeploymentHandle | None = None) -> None:
         self.model_name = model_name
         self.engine_kind = engine
-        self.engine = make_engine(engine, source, dict(engine_options or {}))
+        self.engine = make_engine(engine, source, dict(engine_options or {}), draft)
         self.tokenizer = self.engine.tokenizer
         logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine,
                     self.engine.max_model_len)
@@ -70,7 +75,10 @@ class LLMServer:
         return {"name": self.model_name, "engine": self.engine_kind, "max_model_len": self.engine.max_model_len}
 
     async def stats(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.engine.stats())
+        stats = dataclasses.asdict(self.engine.stats())
+        runner = getattr(getattr(getattr(self.engine, "engine", None), "executor", None), "runner", None)
+        remote = getattr(getattr(runner, "proposer", None), "stats", None)
+        return {**stats, **remote()} if remote else stats
 
     async def worker_pids(self) -> list[int]:
         """Process ids of the tensor-parallel ranks (empty for one in-process rank); for operators and tests."""

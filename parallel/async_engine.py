@@ -57,8 +57,8 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    def from_options(cls, path: str, **options: Any) -> AsyncEngine:
-        return cls(LLMEngine(EngineConfig.from_options(path, **options)))
+    def from_options(cls, path: str, proposer: Any = None, **options: Any) -> AsyncEngine:
+        return cls(LLMEngine(EngineConfig.from_options(path, **options), proposer))
 
     @property
     def tokenizer(self):

@@ -112,15 +112,18 @@ class SpeculativeConfig:
 
     draft_path: str | None = None
     num_speculative_tokens: int = 0
+    external_draft: bool = False  # the caller supplies the proposer (e.g. a draft deployment elsewhere)
 
     @property
     def enabled(self) -> bool:
-        return self.draft_path is not None
+        return self.draft_path is not None or self.external_draft
 
     def validate(self) -> None:
-        if self.draft_path is None and self.num_speculative_tokens:
+        if not self.enabled and self.num_speculative_tokens:
             raise ValueError("num_speculative_tokens needs a draft model (draft_path)")
-        if self.draft_path is not None and not 1 <= self.num_speculative_tokens <= 16:
+        if self.draft_path is not None and self.external_draft:
+            raise ValueError("give either draft_path or external_draft, not both")
+        if self.enabled and not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}")
 
 

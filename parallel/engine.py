@@ -25,6 +25,7 @@ from parallel.outputs import CompletionOutput, RequestOutput
 from parallel.request import Request, RequestStatus
 from parallel.sampling_params import SamplingParams
 from parallel.scheduler import Scheduler
+from parallel.speculative import Proposer
 from parallel.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class LLMEngine:
         ...     outputs = engine.step()
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, proposer: Proposer | None = None) -> None:
         self.config = config
         mc = config.model
         self.device = resolve_device(mc.device)
@@ -108,7 +109,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
                                    num_lookahead=config.speculative.num_speculative_tokens)
-        self.executor = make_executor(config, self.device, self.dtype, self.num_blocks, self.max_model_len)
+        self.executor = make_executor(config, self.device, self.dtype, self.num_blocks, self.max_model_len, proposer)
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._logprobs: dict[str, list[dict[int, float]]] = {}
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
@@ -121,7 +122,7 @@ class LLMEngine:
         if cc.num_blocks is not None:
             return cc.num_blocks
         per_block = kv_bytes_per_block(self.args, self.config.parallel.tensor_parallel_size, cc.block_size, self.dtype)
-        if self.config.speculative.enabled:  # the draft's cache uses the same blocks
+        if self.config.speculative.draft_path is not None:  # a colocated draft's cache uses the same blocks
             draft = LlamaArgs.from_hf(read_json(check_model_folder(self.config.speculative.draft_path), "config.json"))
             per_block += kv_bytes_per_block(draft, 1, cc.block_size, self.dtype)
         if cc.kv_cache_memory_bytes is not None:

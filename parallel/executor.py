@@ -14,7 +14,7 @@ from parallel.config import EngineConfig
 from parallel.model_runner import ModelRunner
 from parallel.models.loader import load_model
 from parallel.scheduler import SchedulerOutput, StepResult
-from parallel.speculative import DraftProposer
+from parallel.speculative import DraftProposer, Proposer
 
 
 class Executor(Protocol):
@@ -38,11 +38,12 @@ class UniProcExecutor:
     """
 
     def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, num_blocks: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, proposer: Proposer | None = None) -> None:
         model = load_model(config.model.path, dtype, device)
-        proposer = None
         spec = config.speculative
-        if spec.enabled:
+        if spec.external_draft and proposer is None:
+            raise ValueError("external_draft needs a proposer")
+        if spec.draft_path is not None:
             draft = load_model(spec.draft_path, dtype, device)
             if draft.args.vocab_size != model.args.vocab_size:
                 raise ValueError(f"draft vocab_size={draft.args.vocab_size} differs from the target's "
@@ -65,9 +66,9 @@ class UniProcExecutor:
 
 
 def make_executor(config: EngineConfig, device: torch.device, dtype: torch.dtype, num_blocks: int,
-                  max_model_len: int) -> Executor:
+                  max_model_len: int, proposer: Proposer | None = None) -> Executor:
     if config.parallel.tensor_parallel_size == 1:
-        return UniProcExecutor(config, device, dtype, num_blocks, max_model_len)
+        return UniProcExecutor(config, device, dtype, num_blocks, max_model_len, proposer)
     from parallel.distributed.ray_executor import RayTPExecutor
 
     return RayTPExecutor(config, device, dtype, num_blocks)

@@ -12,7 +12,7 @@ from parallel.layers.attention import AttentionMetadata, PrefillSeq, build_atten
 from parallel.models.llama import LlamaArgs, LlamaForCausalLM
 from parallel.sampler import Sampler, logprob_entry
 from parallel.scheduler import ScheduledRequest, SchedulerOutput, StepResult
-from parallel.speculative import DraftProposer, DraftWork, verify
+from parallel.speculative import DraftWork, Proposer, verify
 
 
 def kv_bytes_per_block(args: LlamaArgs, tp_size: int, block_size: int, dtype: torch.dtype) -> int:
@@ -31,7 +31,7 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, seed: int = 0,
-                 sample: bool = True, proposer: DraftProposer | None = None) -> None:
+                 sample: bool = True, proposer: Proposer | None = None) -> None:
         self.model = model
         self.proposer = proposer
         self.sample = sample  # tensor-parallel ranks > 0 run the layers (for the collectives) but never sample
@@ -62,6 +62,8 @@ class ModelRunner:
             if self.proposer is not None:
                 self.proposer.forget(request_id)
         if not out.scheduled:
+            if self.proposer is not None and out.finished_request_ids:
+                self.proposer.step([], {}, self.sampler)  # a remote draft frees those sequences now, not later
             return StepResult({})
         ids: list[int] = []
         positions: list[int] = []

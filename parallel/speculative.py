@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -53,7 +54,7 @@ def verify(p: torch.Tensor, q: torch.Tensor | None, drafts: Sequence[int], param
 
 
 @dataclass
-class _DraftState:
+class DraftState:
     computed: int  # positions [0, computed) of the draft KV are filled (proposals included until verified)
     q: torch.Tensor | None = None  # [k, V] distributions of the pending proposals (None: greedy)
 
@@ -69,6 +70,19 @@ class DraftWork:
     block_table: tuple[int, ...]
     propose: bool  # the request sampled this step, so it gets k new proposals
     params: SamplingParams
+
+
+class Proposer(Protocol):
+    """What the model runner needs from a draft, local (DraftProposer) or remote (a draft deployment)."""
+
+    state: dict[str, DraftState]
+
+    def forget(self, request_id: str) -> None: ...
+
+    def pending_q(self, request_id: str) -> torch.Tensor | None: ...
+
+    def step(self, works: list[DraftWork], generators: dict[str, torch.Generator | None],
+             sampler: Sampler) -> dict[str, tuple[int, ...]]: ...
 
 
 class DraftProposer:
@@ -87,7 +101,7 @@ class DraftProposer:
             shape = (num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
             attn.kv_cache = (torch.zeros(shape, dtype=self.dtype, device=self.device),
                              torch.zeros(shape, dtype=self.dtype, device=self.device))
-        self.state: dict[str, _DraftState] = {}
+        self.state: dict[str, DraftState] = {}
 
     def forget(self, request_id: str) -> None:
         self.state.pop(request_id, None)
@@ -123,7 +137,7 @@ class DraftProposer:
             if tokens:
                 chunks.append((tokens, begin, w.block_table))
                 owners.append(w)
-            self.state[w.request_id] = _DraftState(computed=w.start + len(w.known))
+            self.state[w.request_id] = DraftState(computed=w.start + len(w.known))
         proposals: dict[str, list[int]] = {}
         qs: dict[str, list[torch.Tensor]] = {}
         if not chunks:

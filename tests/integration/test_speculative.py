@@ -25,7 +25,8 @@ def _greedy_batch(server: str, model: str) -> list[list[str]]:
         return list(pool.map(one, PROMPTS))
 
 
-@pytest.mark.parametrize("plain, spec", [("native", "native-spec"), ("vllm", "vllm-spec")])
+@pytest.mark.parametrize("plain, spec", [("native", "native-spec"), ("native", "native-spec-sep"),
+                                         ("vllm", "vllm-spec")])
 def test_greedy_with_speculation_equals_without(server, plain, spec):
     assert _greedy_batch(server, spec) == _greedy_batch(server, plain)
 
@@ -35,3 +36,10 @@ def test_native_spec_stats_report_acceptance(server):
     stats = serve.get_deployment_handle("native-spec", app_name=APP).stats.remote().result()
     assert 0.0 < stats["spec_acceptance_rate"] <= 1.0
     assert stats["spec_mean_tokens_per_step"] > 1.0
+
+
+def test_separate_draft_reports_its_call_cost(server):
+    _greedy_batch(server, "native-spec-sep")
+    stats = serve.get_deployment_handle("native-spec-sep", app_name=APP).stats.remote().result()
+    assert stats["draft_calls"] > 0 and stats["draft_call_ms"] > 0
+    assert stats["spec_acceptance_rate"] > 0

@@ -99,3 +99,24 @@ def test_speculation_with_prefix_cache_and_seeds(llama_path, draft_path):
     assert second[0].token_ids == first and second[1].num_cached_tokens >= 40
     seeded = SamplingParams(max_tokens=20, temperature=0.9, seed=5, ignore_eos=True)
     assert spec.generate(prompts[:1], seeded)[0].token_ids == spec.generate(prompts[:1], seeded)[0].token_ids
+
+
+def test_draft_service_proposer_keeps_greedy_output(llama_path, llama_llm):
+    """The separate-placement path minus the transport: the draft in its own service, own block tables."""
+    from parallel.config import EngineConfig
+    from parallel.draft_service import DraftService, ServiceProposer
+    from parallel.engine import LLMEngine
+
+    service = DraftService(str(llama_path), k=3, max_model_len=256, num_blocks=64, block_size=8)
+    engine = LLMEngine(EngineConfig.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32",
+                                                 block_size=16, num_speculative_tokens=3, external_draft=True),
+                       ServiceProposer(service.propose))
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", p, GREEDY)
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    assert [done[f"r{i}"] for i in range(len(PROMPTS))] == [o.token_ids for o in llama_llm.generate(PROMPTS, GREEDY)]
+    assert engine.stats().spec_acceptance_rate == 1.0  # the target is its own draft here
+    engine.step()  # lets the runner forget finished requests
+    assert service.stats()["sequences"] == 0
