@@ -49,50 +49,53 @@ class AttentionMetadata:
     batched: BatchedQueries | None
 
 
-def _slots(block_table: Sequence[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    table = torch.tensor(block_table, dtype=torch.long)
-    return table[positions // block_size] * block_size + positions % block_size
-
-
 def build_attention_metadata(chunks: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
                              device: torch.device) -> AttentionMetadata:
-    """chunks: per request (start_pos, num_new_tokens, block_table), in flat-token order."""
-    slot_parts, prefills, small = [], [], []
-    offset = 0
-    for start_pos, n, table in chunks:
-        ctx = start_pos + n
-        slot_parts.append(_slots(table, torch.arange(start_pos, ctx), block_size))
-        if n <= SMALL_QUERY:
-            small.append((offset, start_pos, n, table))
-        elif start_pos == 0:
-            prefills.append(PrefillSeq(offset, offset + n, None, None))
-        else:
-            q_pos = torch.arange(start_pos, ctx)
-            mask = torch.arange(ctx)[None, :] <= q_pos[:, None]
-            prefills.append(PrefillSeq(offset, offset + n, _slots(table, torch.arange(ctx), block_size).to(device),
-                                       mask.to(device)))
-        offset += n
+    """chunks: per request (start_pos, num_new_tokens, block_table), in flat-token order.
+
+    Vectorised over requests: one padded block-table tensor, then gathers, so the cost per step does not
+    grow with a Python loop over every decoding request.
+    """
+    r = len(chunks)
+    starts = torch.tensor([c[0] for c in chunks])
+    lens = torch.tensor([c[1] for c in chunks])
+    width = max(len(c[2]) for c in chunks)
+    tables = torch.tensor([list(c[2]) + [0] * (width - len(c[2])) for c in chunks], dtype=torch.long)
+    offsets = lens.cumsum(0) - lens
+    ctx = starts + lens
+
+    def slots(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        block = (pos // block_size).clamp(max=width - 1)
+        return tables[rows, block] * block_size + pos % block_size
+
+    owner = torch.repeat_interleave(torch.arange(r), lens)
+    token_pos = torch.arange(int(lens.sum())) - offsets[owner] + starts[owner]
+    slot_mapping = slots(owner, token_pos)
+
+    small = (lens <= SMALL_QUERY).nonzero().flatten()
+    prefills = []
+    for i in (lens > SMALL_QUERY).nonzero().flatten().tolist():
+        off, n, st = int(offsets[i]), int(lens[i]), int(starts[i])
+        if st == 0:
+            prefills.append(PrefillSeq(off, off + n, None, None))
+            continue
+        keys = torch.arange(st + n)
+        mask = keys[None, :] <= torch.arange(st, st + n)[:, None]
+        prefills.append(PrefillSeq(off, off + n, slots(torch.full_like(keys, i), keys).to(device), mask.to(device)))
     batched = None
-    if small:
-        q_max = max(n for _, _, n, _ in small)
-        l_max = max(s + n for _, s, n, _ in small)
-        b = len(small)
-        token_index = torch.zeros(b, q_max, dtype=torch.long)
-        valid = torch.zeros(b, q_max, dtype=torch.bool)
-        kv_slots = torch.zeros(b, l_max, dtype=torch.long)
-        mask = torch.zeros(b, 1, q_max, l_max, dtype=torch.bool)
-        keys = torch.arange(l_max)
-        for i, (off, start_pos, n, table) in enumerate(small):
-            ctx = start_pos + n
-            token_index[i, :n] = torch.arange(off, off + n)
-            token_index[i, n:] = off + n - 1
-            valid[i, :n] = True
-            kv_slots[i, :ctx] = _slots(table, torch.arange(ctx), block_size)
-            q_pos = torch.arange(start_pos, start_pos + q_max).clamp(max=ctx - 1)
-            mask[i, 0] = keys[None, :] <= q_pos[:, None]
+    if len(small):
+        s_lens, s_starts, s_ctx = lens[small], starts[small], ctx[small]
+        q_max, l_max = int(s_lens.max()), int(s_ctx.max())
+        q = torch.arange(q_max)[None, :]
+        valid = q < s_lens[:, None]
+        token_index = offsets[small][:, None] + torch.minimum(q, s_lens[:, None] - 1)
+        keys = torch.arange(l_max)[None, :]
+        kv_slots = slots(small[:, None].expand(-1, l_max), keys.expand(len(small), -1))
+        q_pos = s_starts[:, None] + torch.minimum(q, s_lens[:, None] - 1)  # padded queries repeat the last one
+        mask = (keys[:, None, :] <= q_pos[:, :, None]).unsqueeze(1)  # [B, 1, Q, L]
         batched = BatchedQueries(token_index.to(device), None if bool(valid.all()) else valid.to(device),
                                  kv_slots.to(device), mask.to(device))
-    return AttentionMetadata(torch.cat(slot_parts).to(device), tuple(prefills), batched)
+    return AttentionMetadata(slot_mapping.to(device), tuple(prefills), batched)
 
 
 class PagedAttention(nn.Module):
