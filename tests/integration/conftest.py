@@ -11,6 +11,7 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -26,6 +27,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll GET /health until 200; False on timeout or when ``alive()`` turns false."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and alive():
+        try:
+            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    return False
 
 
 def app_args() -> dict:
@@ -75,15 +89,7 @@ def server(ray_cluster) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build(app_args()), name=APP, route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
+    if not wait_healthy(base, 420):
         raise RuntimeError("application did not become healthy")
     yield base
     serve.shutdown()
