@@ -101,6 +101,12 @@ def test_requests_queued_at_handles_count_as_depth():
     assert decide(ctx, NOW)[0] == 2
 
 
+def test_replica_yet_to_report_counts_as_empty():
+    ctx = make_ctx(3, total=12)  # 12 requests on r0; r1 and r2 just started and have not reported
+    ctx.aggregated_metrics.update({"waiting": {rid(0): 8.0}, "running": {rid(0): 4.0}, "kv_usage": {rid(0): 0.5}})
+    assert decide(ctx, NOW)[0] == 3  # total demand 12 / target 4, not 3 x 12 / 4
+
+
 def test_serve_request_count_stands_in_before_replicas_report():
     assert decide(make_ctx(2, total=24), NOW)[0] == 6  # 12 per replica, no custom metrics yet
 
@@ -111,9 +117,10 @@ def test_kv_usage_alone_scales_up(serve_log):
     assert serve_log == ["tiny-code-llama: 2 -> 3 (kv usage 0.95 > high-water 0.9)"]
 
 
-def test_kv_just_above_high_water_adds_one_replica():
-    ctx = make_ctx(4, waiting=[0] * 4, running=[1] * 4, kv=[0.9001] * 4)
-    assert decide(ctx, NOW)[0] == 5
+@pytest.mark.parametrize("kv, expected", [(0.9 + 1e-12, 5), (0.9, 4), (0.7, 4)])  # a hair above high-water: +1
+def test_kv_high_water_boundary(kv, expected):
+    ctx = make_ctx(4, waiting=[0] * 4, running=[1] * 4, kv=[kv] * 4)
+    assert decide(ctx, NOW)[0] == expected
 
 
 def test_gpu_utilization_alone_scales_up(serve_log):
