@@ -96,7 +96,8 @@ def build(args: dict[str, Any]) -> Application:
             options = _engine_options(m, by_name)
             draft = None
             if m.speculative is not None and m.speculative.placement == "separate":
-                draft = DraftServer.options(name=f"{m.name}-draft-server", ray_actor_options={"num_cpus": 0.5}).bind(
+                draft = DraftServer.options(name=f"{m.name}-draft-server",
+                                            ray_actor_options={"num_cpus": m.resources.num_cpus}).bind(
                     options.pop("draft_path"), options["num_speculative_tokens"],
                     options.get("max_model_len", 1024), options.get("kv_cache_memory_bytes", 256 << 20))
             llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine, options, draft)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -71,8 +72,8 @@ def ray_cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     temp = tempfile.mkdtemp(prefix="mf-ray-", dir="/tmp")
-    # 4 logical CPUs on 2 cores: replicas ask for fractions, the tensor-parallel model for 1.25.
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=temp, namespace="modelfleet-tests",
+    # 8 logical CPUs on 2 cores: replicas ask for fractions (about 4 in all), the tensor-parallel model for 1.25.
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=temp, namespace="modelfleet-tests",
              log_to_driver=False)
     yield
     ray.shutdown()
@@ -87,10 +88,14 @@ def server(ray_cluster) -> str:
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build(app_args()), name=APP, route_prefix="/")
+    # serve.run waits for every replica without a limit (an unschedulable one waits forever): bound it.
+    deploy = threading.Thread(target=serve.run, args=(build(app_args()),), kwargs={"name": APP, "route_prefix": "/"},
+                              daemon=True)
+    deploy.start()
+    deploy.join(timeout=420)
     base = f"http://127.0.0.1:{port}"
-    if not wait_healthy(base, 420):
-        raise RuntimeError("application did not become healthy")
+    if deploy.is_alive() or not wait_healthy(base, 60):
+        raise RuntimeError(f"application did not become healthy: {serve.status()}")
     yield base
     serve.shutdown()
 
