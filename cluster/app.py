@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray.serve import Application
 
+from cluster.autoscaling import serve_autoscaling_config
 from cluster.config import ClusterConfig, ModelSpec
 from deployments.draft import DraftServer
 from deployments.embedding import EmbeddingServer
@@ -51,9 +52,13 @@ def parse_config(args: dict[str, Any]) -> ClusterConfig:
 
 def _deployment_options(m: ModelSpec) -> dict[str, Any]:
     options: dict[str, Any] = {
-        "name": m.name, "num_replicas": m.num_replicas, "max_ongoing_requests": m.max_ongoing_requests,
+        "name": m.name, "max_ongoing_requests": m.max_ongoing_requests,
         "max_queued_requests": m.max_queued_requests, "health_check_period_s": m.health_check_period_s,
         "ray_actor_options": {"num_cpus": m.resources.num_cpus, "num_gpus": m.resources.num_gpus}}
+    if m.autoscaling is not None:
+        options["autoscaling_config"] = serve_autoscaling_config(m.name, **m.autoscaling.model_dump())
+    else:
+        options["num_replicas"] = m.num_replicas
     if m.tensor_parallel_size > 1:
         # One placement group per replica: bundle 0 holds the replica (scheduler), bundles 1..N the ranks.
         rank = {"GPU": 1.0, "CPU": m.cpus_per_worker} if m.resources.num_gpus else {"CPU": m.cpus_per_worker}
@@ -106,4 +111,6 @@ def build(args: dict[str, Any]) -> Application:
     r = cfg.router
     return Router.options(name=ROUTER_NAME, num_replicas=r.num_replicas, max_ongoing_requests=1024,
                           ray_actor_options={"num_cpus": r.num_cpus}).bind(
-        llms, embedders, retry_after_s=r.retry_after_s, health_timeout_s=r.health_timeout_s)
+        llms, embedders, retry_after_s=r.retry_after_s, health_timeout_s=r.health_timeout_s,
+        cold_start_timeout_s=r.cold_start_timeout_s,
+        on_demand=[m.name for m in cfg.models if m.autoscaling is not None and m.autoscaling.min_replicas == 0])

@@ -51,6 +51,8 @@ class SpeculativeSpec(_Strict):
 
 
 class AutoscalingSpec(_Strict):
+    """Knobs of cluster.autoscaling.decide (queue depth, KV usage, GPU utilisation); min 0 scales to zero."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_queue_depth: float = Field(4.0, gt=0)
@@ -96,8 +98,8 @@ class ModelSpec(_Strict):
             raise ValueError("speculative decoding with tensor_parallel_size > 1 needs engine: vllm")
         if self.speculative is not None and self.speculative.placement == "separate" and self.engine != "native":
             raise ValueError("speculative placement 'separate' needs engine: native (vLLM runs its draft inside)")
-        if self.autoscaling is not None:
-            raise ValueError("autoscaling is not supported yet: use num_replicas for now")
+        if self.autoscaling is not None and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
+            raise ValueError("autoscaling.min_replicas must be <= autoscaling.max_replicas")
         if self.kind == "embedding" and self.engine != "native":
             raise ValueError("embedding models run on the built-in encoder: leave engine as 'native'")
         return self
@@ -108,6 +110,8 @@ class RouterSpec(_Strict):
     num_replicas: int = Field(1, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     health_timeout_s: float = Field(5.0, gt=0)
+    cold_start_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for a first token "
+                                        "(e.g. while a model scales up from zero) before a 503")
     retry_after_s: int = Field(1, ge=0)
 
 

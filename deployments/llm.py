@@ -15,11 +15,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.openai_protocol import OpenAIError
 from parallel.chat_template import render_chat
+from parallel.gpu import GpuMonitor, engine_load_metrics
 from parallel.sampling_params import SamplingParams
 
 logger = logging.getLogger("ray.serve")
@@ -62,10 +64,16 @@ class LLMServer:
         self.engine_kind = engine
         self.engine = make_engine(engine, source, dict(engine_options or {}), draft)
         self.tokenizer = self.engine.tokenizer
+        # NVML only where this replica runs its engine on a GPU; elsewhere the GPU signal is absent (not 0).
+        self.gpu = GpuMonitor() if torch.cuda.is_available() else None
         logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine,
                     self.engine.max_model_len)
 
     # ---- Serve hooks ------------------------------------------------------------------------------------
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve pulls these for cluster.autoscaling.decide: queue depth, running, KV usage, GPU readings."""
+        return engine_load_metrics(self.engine.stats(), self.gpu.read() if self.gpu is not None else None)
+
     async def check_health(self) -> None:
         """Serve calls this periodically; raising makes Serve replace the replica (and so all its ranks)."""
         await asyncio.to_thread(self.engine.check_health)

@@ -68,15 +68,22 @@ class Router:
     """
 
     def __init__(self, llms: dict[str, DeploymentHandle], embedders: dict[str, DeploymentHandle],
-                 retry_after_s: int = 1, health_timeout_s: float = 5.0) -> None:
+                 retry_after_s: int = 1, health_timeout_s: float = 5.0, cold_start_timeout_s: float = 120.0,
+                 on_demand: list[str] | None = None) -> None:
         self.llms = llms
         self.embedders = embedders
         self.retry_after_s = retry_after_s
         self.health_timeout_s = health_timeout_s
+        self.cold_start_timeout_s = cold_start_timeout_s
+        self.on_demand = set(on_demand or ())  # may sit at zero replicas: health must not wake them
 
     # ---- HTTP -------------------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> Response:
-        path, method = request.url.path.rstrip("/"), request.method
+        path, method = request.url.path, request.method
+        root = request.scope.get("root_path", "")  # the app's route_prefix, when it is not "/"
+        if root and path.startswith(root):
+            path = path[len(root):]
+        path = path.rstrip("/")
         routes = {
             ("POST", "/v1/completions"): self._http_completions,
             ("POST", "/v1/chat/completions"): self._http_chat,
@@ -171,7 +178,7 @@ class Router:
 
     async def health(self) -> dict[str, Any]:
         """Ready only when every model has a ready replica."""
-        handles = {**self.llms, **self.embedders}
+        handles = {n: h for n, h in {**self.llms, **self.embedders}.items() if n not in self.on_demand}
 
         async def probe(handle: DeploymentHandle) -> bool:
             try:
@@ -182,6 +189,7 @@ class Router:
 
         ready = await asyncio.gather(*(probe(h) for h in handles.values()))
         models = {name: ("ready" if ok else "unavailable") for name, ok in zip(handles, ready, strict=True)}
+        models.update({name: "on-demand" for name in self.on_demand})
         return {"status": "ok" if all(ready) else "unavailable", "models": models}
 
     # ---- internals --------------------------------------------------------------------------------------
@@ -200,9 +208,15 @@ class Router:
             raise self._unknown_model(req.model, self.llms)
         stream = handle.options(stream=True).generate_stream.remote(work)
         try:
-            first = await stream.__anext__()
+            # Held here while a replica starts (scale from zero) or the queue drains; bounded, then a 503.
+            first = await asyncio.wait_for(stream.__anext__(), timeout=self.cold_start_timeout_s)
         except BackPressureError as err:
             raise self._overloaded(req.model) from err
+        except TimeoutError as err:
+            stream.cancel()
+            raise OpenAIError(503, f"model {req.model!r} did not start answering within "
+                              f"{self.cold_start_timeout_s:.0f} s (scaling up?); retry", type_="server_error",
+                              code="unavailable", retry_after=self.retry_after_s) from err
         if "error" in first:
             raise OpenAIError.from_item(first)
         if not req.stream:

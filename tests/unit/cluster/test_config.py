@@ -38,7 +38,7 @@ def test_bad_fields_are_named(model, field):
     ({"kind": "embedding", "tensor_parallel_size": 2}, "tensor_parallel_size applies to llm models only"),
     ({"kind": "embedding", "speculative": {"draft": "x"}}, "speculative applies to llm models only"),
     ({"tensor_parallel_size": 2, "speculative": {"draft": "x"}}, "needs engine: vllm"),
-    ({"autoscaling": {"max_replicas": 3}}, "autoscaling is not supported yet"),
+    ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas must be <= autoscaling.max_replicas"),
     ({"kind": "embedding", "engine": "vllm"}, "embedding models run on the built-in encoder"),
 ])
 def test_later_features_are_rejected_clearly(model, message):
