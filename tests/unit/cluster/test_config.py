@@ -53,7 +53,7 @@ def test_duplicate_names_and_empty_models():
         ClusterConfig.model_validate({"models": []})
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "multi-model.yaml", "vllm.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_validate(name):
     from cluster.app import parse_config, resolve_source
 
