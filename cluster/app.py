@@ -55,8 +55,15 @@ def _deployment_options(m: ModelSpec) -> dict[str, Any]:
         "name": m.name, "max_ongoing_requests": m.max_ongoing_requests,
         "max_queued_requests": m.max_queued_requests, "health_check_period_s": m.health_check_period_s,
         "ray_actor_options": {"num_cpus": m.resources.num_cpus, "num_gpus": m.resources.num_gpus}}
-    if m.autoscaling is not None:
-        options["autoscaling_config"] = serve_autoscaling_config(m.name, **m.autoscaling.model_dump())
+    a = m.autoscaling
+    if a is not None and a.policy == "serve-default":
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas, "initial_replicas": max(1, a.min_replicas),
+            "target_ongoing_requests": a.target_ongoing_requests, "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s}
+    elif a is not None:
+        options["autoscaling_config"] = serve_autoscaling_config(
+            m.name, **a.model_dump(exclude={"policy", "target_ongoing_requests"}))
     else:
         options["num_replicas"] = m.num_replicas
     if m.tensor_parallel_size > 1:

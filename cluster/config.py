@@ -51,8 +51,14 @@ class SpeculativeSpec(_Strict):
 
 
 class AutoscalingSpec(_Strict):
-    """Knobs of cluster.autoscaling.decide (queue depth, KV usage, GPU utilisation); min 0 scales to zero."""
+    """Knobs of cluster.autoscaling.decide (queue depth, KV usage, GPU utilisation); min 0 scales to zero.
 
+    ``policy: serve-default`` keeps Serve's own ongoing-requests policy (``target_ongoing_requests``), with
+    the same bounds and delays: the baseline of benchmarks/autoscaling.py.
+    """
+
+    policy: Literal["modelfleet", "serve-default"] = "modelfleet"
+    target_ongoing_requests: float = Field(2.0, gt=0, description="serve-default only")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_queue_depth: float = Field(4.0, gt=0)

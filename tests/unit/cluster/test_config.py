@@ -111,3 +111,16 @@ def test_speculative_maps_to_each_engine(tmp_path):
     assert native["draft_path"] == str(tmp_path / "draft") and native["num_speculative_tokens"] == 3
     vllm = _engine_options(by_name["v"], by_name)["speculative_config"]
     assert vllm == {"method": "draft_model", "model": str(tmp_path / "draft"), "num_speculative_tokens": 4}
+
+
+def test_autoscaling_maps_to_serve_configs():
+    from cluster.app import _deployment_options
+
+    ours = ClusterConfig.model_validate(_cfg(autoscaling={"min_replicas": 0, "max_replicas": 3})).models[0]
+    cfg = _deployment_options(ours)["autoscaling_config"]
+    assert cfg["policy"]["policy_function"] == "cluster.autoscaling:decide"
+    assert cfg["min_replicas"] == 0 and cfg["max_replicas"] == 3 and "num_replicas" not in _deployment_options(ours)
+    base = ClusterConfig.model_validate(_cfg(autoscaling={"policy": "serve-default", "max_replicas": 3,
+                                                          "target_ongoing_requests": 3})).models[0]
+    cfg = _deployment_options(base)["autoscaling_config"]
+    assert "policy" not in cfg and cfg["target_ongoing_requests"] == 3
