@@ -242,7 +242,8 @@ def test_serve_autoscaling_config_shape():
 def test_config_takes_the_cluster_autoscaling_spec():
     from cluster.config import AutoscalingSpec
 
-    cfg = serve_autoscaling_config("m", **AutoscalingSpec(min_replicas=0, max_replicas=3).model_dump())
+    spec = AutoscalingSpec(min_replicas=0, max_replicas=3)
+    cfg = serve_autoscaling_config("m", **spec.model_dump(exclude={"policy", "target_ongoing_requests"}))
     assert cfg["policy"]["policy_kwargs"]["max_replicas"] == 3
 
 
