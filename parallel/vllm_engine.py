@@ -134,6 +134,8 @@ class VllmEngine:
         if tp > 1 and not _has_gpu():
             # vLLM's CPU workers bind OpenMP threads to cores: give each rank its own share, "0|1" for two.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tp, os.cpu_count() or 1))
+            # Inside a Ray actor vLLM would pick its Ray executor, which its CPU platform does not support.
+            kwargs.setdefault("distributed_executor_backend", "mp")
         self._stats = _StatsKeeper()
         self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self._stats.factory])
         self.max_model_len: int = self.llm.model_config.max_model_len
