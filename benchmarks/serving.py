@@ -1,0 +1,428 @@
+"""Online serving benchmark in the style of vLLM's ``bench serve``: modelfleet against vLLM's own server.
+
+An httpx load generator streams ``POST /v1/completions`` (``ignore_eos``, ``stream_options.include_usage``) of
+random token-id prompts, Poisson arrivals at ``--request-rate`` (``inf``: all at once), at most ``--concurrency``
+in flight. Per request: TTFT (first chunk with a choice), ITL (gaps between such chunks), TPOT ((e2e - ttft) /
+(output tokens - 1)), e2e; output tokens come from the final usage. Targets run one at a time (start, /health,
+warm up, measure, probe the fixed overhead, stop), on the same model and engine settings:
+
+- ``mf-vllm``: modelfleet (Ray Serve proxy -> router -> replica) on the vLLM engine
+- ``vllm``: vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
+- ``mf-native``: modelfleet on the native engine
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/serving.py --quick --model /tmp/fakemodel     # smoke test (~4 min)
+    .venv/bin/python benchmarks/serving.py                                    # 64 prompts, 128/128, conc. 16
+    .venv/bin/python benchmarks/serving.py --request-rate inf,2 --targets vllm,mf-vllm
+
+Tables are printed; JSON goes to ``benchmarks/out/serving[-quick].json``, server logs next to it. A modelfleet
+target is a launcher subprocess with a private Ray (no dashboard, auth off, private temp dir); every server has
+its own process group, stopped by SIGINT, then SIGKILL of that group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import machine_info, markdown_table  # noqa: E402
+
+OUT_DIR = ROOT / "benchmarks" / "out"
+TARGETS = {"mf-vllm": "modelfleet, vLLM engine", "vllm": "vLLM OpenAI server", "mf-native": "modelfleet, native engine"}
+NAME = "bench"  # the model name every target serves
+
+
+@dataclass
+class Outcome:
+    """One request as the client saw it (seconds)."""
+
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    chunks: int = 0
+    error: str = ""
+
+
+# ---- client -------------------------------------------------------------------------------------------------
+async def stream_completion(client: httpx.AsyncClient, payload: dict[str, Any]) -> Outcome:
+    start = time.perf_counter()
+    stamps: list[float] = []  # arrival of each chunk that carries a choice
+    usage: dict[str, Any] | None = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=payload) as resp:
+            if resp.status_code != 200:
+                return Outcome(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    return Outcome(False, error=str(event["error"])[:200])
+                if event.get("choices"):
+                    stamps.append(time.perf_counter())
+                usage = event.get("usage") or usage
+    except httpx.HTTPError as err:
+        return Outcome(False, error=f"{type(err).__name__}: {err}")
+    if not stamps or not usage:
+        return Outcome(False, error="stream ended without a choice chunk or without usage")
+    itl = [b - a for a, b in itertools.pairwise(stamps)]
+    return Outcome(True, stamps[0] - start, time.perf_counter() - start, itl, int(usage["completion_tokens"]),
+                   len(stamps))
+
+
+def payload(prompt: list[int], max_tokens: int, stream: bool = True) -> dict[str, Any]:
+    return {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": stream} | ({"stream_options": {"include_usage": True}} if stream else {})
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]  # 0-2: pad/bos/eos
+
+
+async def run_load(client: httpx.AsyncClient, prompts: list[list[int]], max_tokens: int, rate: float,
+                   concurrency: int, seed: int) -> tuple[list[Outcome], float]:
+    """Poisson arrivals at ``rate`` req/s (inf: all at t=0), at most ``concurrency`` in flight."""
+    sem = asyncio.Semaphore(concurrency)
+    rng = random.Random(seed)
+
+    async def limited(p: list[int]) -> Outcome:
+        async with sem:
+            return await stream_completion(client, payload(p, max_tokens))
+
+    t0, tasks = time.perf_counter(), []
+    for i, p in enumerate(prompts):
+        tasks.append(asyncio.create_task(limited(p)))
+        if not math.isinf(rate) and i < len(prompts) - 1:
+            await asyncio.sleep(rng.expovariate(rate))
+    return list(await asyncio.gather(*tasks)), time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.ok]
+    tokens = sum(o.output_tokens for o in ok)
+    tpot = [(o.e2e - o.ttft) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1]
+    itl = [g for o in ok for g in o.itl]
+    s: dict[str, Any] = {"completed": len(ok), "failed": len(outcomes) - len(ok), "duration_s": duration,
+                         "output_tokens": tokens, "output_tok_s": tokens / duration, "req_s": len(ok) / duration,
+                         "chunks_per_request": sum(o.chunks for o in ok) / max(len(ok), 1),
+                         "errors": sorted({o.error for o in outcomes if not o.ok})[:5]}
+    for name, vals in (("ttft", [o.ttft for o in ok]), ("tpot", tpot), ("itl", itl), ("e2e", [o.e2e for o in ok])):
+        s[f"{name}_p50_ms"] = None if not vals else 1000 * pct(vals, 50)
+        s[f"{name}_p99_ms"] = None if not vals else 1000 * pct(vals, 99)
+    return s
+
+
+async def probe(client: httpx.AsyncClient, vocab: int, n: int) -> dict[str, Any]:
+    """Fixed per-request cost on an idle server, one request at a time (medians, ms): an HTTP-only route
+    (GET /v1/models), a 1-token unary completion of an 8-token prompt, and a lone 32-token stream."""
+    got: dict[str, list[float]] = {"models_ms": [], "one_token_ms": [], "lone_ttft_ms": [], "lone_e2e_ms": []}
+    for i, p in enumerate(random_prompts(n, 8, vocab, seed=12345)):
+        t0 = time.perf_counter()
+        (await client.get("/v1/models")).raise_for_status()
+        got["models_ms"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        (await client.post("/v1/completions", json=payload(p, 1, stream=False))).raise_for_status()
+        got["one_token_ms"].append(time.perf_counter() - t0)
+        if i % 2 and (o := await stream_completion(client, payload(p, 32))).ok:
+            got["lone_ttft_ms"].append(o.ttft)
+            got["lone_e2e_ms"].append(o.e2e)
+    return {k: 1000 * pct(v, 50) if v else None for k, v in got.items()}
+
+
+async def measure(base: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        warm = random_prompts(max(args.concurrency, 2), args.input_len, vocab, seed=args.seed + 1)
+        outs, _ = await run_load(client, warm, min(args.output_len, 16), math.inf, args.concurrency, args.seed)
+        if not all(o.ok for o in outs):
+            raise RuntimeError(f"warm-up failed: {[o.error for o in outs if not o.ok][:3]}")
+        runs = {}
+        for i, rate in enumerate(args.request_rate):  # fresh prompts per run: no prefix-cache hits across runs
+            prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed=args.seed + 10 * (i + 2))
+            outcomes, duration = await run_load(client, prompts, args.output_len, rate, args.concurrency, args.seed)
+            name = f"conc. {args.concurrency}" + ("" if math.isinf(rate) else f", Poisson {rate:g} req/s")
+            runs[name] = summarize(outcomes, duration) | {"raw": [asdict(o) | {"itl": None} for o in outcomes]}
+        return {"runs": runs, "probe": await probe(client, vocab, args.probe_requests)}
+
+
+# ---- servers --------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def handle_probe(n: int, vocab: int) -> dict[str, float | None]:
+    """In the launcher (a Ray driver), on an idle server: the probe's 1-token request through Serve handles,
+    without HTTP: to the replica (and a no-engine call to it), and to the router (router hop + replica)."""
+    from ray import serve
+
+    router, replica = serve.get_app_handle("modelfleet"), serve.get_deployment_handle(NAME, app_name="modelfleet")
+    sampling = {"max_tokens": 1, "temperature": 0.0, "ignore_eos": True}
+    calls = {"replica_info_ms": lambda p: replica.info.remote(),
+             "replica_one_token_ms": lambda p: replica.generate.remote({"prompt": p, "sampling": sampling}),
+             "router_one_token_ms": lambda p: router.completions.remote(payload(p, 1, stream=False))}
+    got: dict[str, list[float]] = {k: [] for k in calls}
+    for p in random_prompts(n, 8, vocab, seed=777):
+        for k, call in calls.items():
+            t0 = time.perf_counter()
+            await call(p)
+            got[k].append(time.perf_counter() - t0)
+    return {k: 1000 * pct(v, 50) if v else None for k, v in got.items()}
+
+
+def request_handle_probe(proc: subprocess.Popen, tmp: Path, timeout: float = 120.0) -> dict[str, Any]:
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while not (tmp / "probe.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return json.loads((tmp / "probe.json").read_text()) if (tmp / "probe.json").is_file() else {}
+
+
+def launch_modelfleet(config_file: str) -> None:
+    """The launcher subprocess of a modelfleet target: a private Ray + Serve until SIGINT/SIGTERM."""
+    import ray
+    from ray import serve
+
+    from cluster.app import build
+
+    cfg = json.loads(Path(config_file).read_text())
+    stop, probe_now = threading.Event(), threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: probe_now.set())
+    ray.init(num_cpus=cfg["num_cpus"], include_dashboard=False, _temp_dir=cfg["ray_temp"], log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]})
+    serve.run(build(cfg["args"]), name="modelfleet", route_prefix="/")
+    print("modelfleet ready", flush=True)
+    while not stop.wait(0.2):
+        if probe_now.is_set():
+            probe_now.clear()
+            result = asyncio.run(handle_probe(cfg["probe_n"], cfg["vocab"]))
+            Path(cfg["probe_out"] + ".part").write_text(json.dumps(result))
+            os.replace(cfg["probe_out"] + ".part", cfg["probe_out"])
+    serve.shutdown()
+    ray.shutdown()
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"dtype": "float32", "max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_bytes,
+            "max_num_batched_tokens": args.max_num_batched_tokens}
+
+
+def start_target(target: str, args: argparse.Namespace, vocab: int, port: int, tmp: Path,
+                 log: Any) -> subprocess.Popen:
+    env = os.environ | {"TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                        "VLLM_CACHE_ROOT": str(tmp / "vcache"), "VLLM_RPC_BASE_PATH": str(tmp / "rpc"),
+                        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "RAY_AUTH_MODE": "disabled",
+                        "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    (tmp / "rpc").mkdir()
+    if target == "vllm":
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+               "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+               "--kv-cache-memory-bytes", str(args.kv_cache_bytes), "--disable-uvicorn-access-log"]
+    else:
+        model = {"name": NAME, "source": args.model, "engine": target.removeprefix("mf-"),
+                 "engine_options": engine_options(args), "resources": {"num_cpus": args.model_cpus},
+                 "max_ongoing_requests": max(64, 2 * args.concurrency)}
+        cfg = {"num_cpus": os.cpu_count(), "ray_temp": str(tmp / "ray"), "port": port, "vocab": vocab,
+               "probe_n": args.probe_requests, "probe_out": str(tmp / "probe.json"),
+               "args": {"models": [model], "router": {"num_cpus": 0.25}}}
+        (tmp / "cfg.json").write_text(json.dumps(cfg))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--launch", str(tmp / "cfg.json")]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not healthy after {timeout:.0f} s")
+
+
+def stop_target(proc: subprocess.Popen, tmp: Path) -> None:
+    """SIGINT (clean shutdown), then SIGKILL of the process group we created, then any stray process of ours
+    (one whose command line names our private temp dir, e.g. a Ray daemon that left the group)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and str(tmp).encode() in (entry / "cmdline").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+def run_target(target: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix=f"mfs-{target}-", dir="/tmp"))  # short: Ray's socket paths must fit
+    port = free_port()
+    log_path = OUT_DIR / f"serving-{target}{'-quick' if args.quick else ''}.log"
+    print(f"[{time.strftime('%H:%M:%S')}] {target} ({TARGETS[target]}) on port {port}", flush=True)
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = start_target(target, args, vocab, port, tmp, log)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}", proc, args.startup_timeout)
+            startup = time.perf_counter() - t0
+            print(f"  ready after {startup:.0f} s; measuring", flush=True)
+            result = asyncio.run(measure(f"http://127.0.0.1:{port}", args, vocab)) | {"startup_s": startup}
+            if target != "vllm":
+                result["probe"] |= request_handle_probe(proc, tmp)
+        except Exception as err:  # one target failing must not lose the others
+            tail = log_path.read_text()[-1500:] if log_path.is_file() else ""
+            print(f"  FAILED: {err!r}\n{tail}", flush=True)
+            result = {"error": f"{type(err).__name__}: {err}"}
+        finally:
+            stop_target(proc, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return result
+
+
+# ---- report -------------------------------------------------------------------------------------------------
+def fmt(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    header = ["target", "scenario", "ok", "req/s", "out tok/s", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)",
+              "ITL p50 / p99 (ms)", "E2E p50 / p99 (s)"]
+    rows, checks = [], []
+    for target, res in results.items():
+        for name, s in res.get("runs", {}).items():
+            e2e = [None if v is None else v / 1000 for v in (s["e2e_p50_ms"], s["e2e_p99_ms"])]
+            rows.append([f"{target} ({TARGETS[target]})", name, f"{s['completed']}/{s['completed'] + s['failed']}",
+                         fmt(s["req_s"], 2), fmt(s["output_tok_s"]),
+                         f"{fmt(s['ttft_p50_ms'])} / {fmt(s['ttft_p99_ms'])}",
+                         f"{fmt(s['tpot_p50_ms'])} / {fmt(s['tpot_p99_ms'])}",
+                         f"{fmt(s['itl_p50_ms'])} / {fmt(s['itl_p99_ms'])}", f"{fmt(e2e[0], 2)} / {fmt(e2e[1], 2)}"])
+    for name, base in results.get("vllm", {}).get("runs", {}).items():
+        for t, want in (("mf-vllm", 0.95), ("mf-native", 1.0)):
+            if not (run := results.get(t, {}).get("runs", {}).get(name)):
+                continue
+            r, d = run["output_tok_s"] / base["output_tok_s"], run["ttft_p50_ms"] - base["ttft_p50_ms"]
+            goal = f" (target <= +10 ms: {'reached' if d <= 10 else 'NOT reached'})" if t == "mf-vllm" else ""
+            checks.append(f"- {name}: {t} / vllm output tok/s = {r:.3f}x (target >= {want:g}x: "
+                          f"{'reached' if r >= want else 'NOT reached'}); TTFT p50 {d:+.1f} ms{goal}")
+    keys = ["models_ms", "one_token_ms", "lone_ttft_ms", "lone_e2e_ms", "replica_info_ms", "replica_one_token_ms",
+            "router_one_token_ms"]
+    probe_rows = [[f"{t} ({TARGETS[t]})", *(fmt(r["probe"].get(k)) for k in keys), fmt(r["startup_s"], 0)]
+                  for t, r in results.items() if "probe" in r]
+    lines = [markdown_table(header, rows), ""]
+    if checks:
+        lines += ["Targets of the issue (vs vLLM's own server):", "", *checks, ""]
+    if probe_rows:
+        lines += [f"Fixed overhead on an idle server (median of {args.probe_requests} sequential requests):", "",
+                  markdown_table(["target", "HTTP GET /v1/models", "HTTP 1-token completion", "lone 32-tok stream TTFT",
+                                  "... E2E", "handle: replica.info", "handle: replica 1-token",
+                                  "handle: router 1-token", "startup (s)"], probe_rows),
+                  "", "(ms; 1-token requests have an 8-token prompt; handle calls are made from a Ray driver on the "
+                  "same node, not over HTTP)", ""]
+    lines += [f"- {t}: FAILED: {r['error']}" for t, r in results.items() if "error" in r]
+    return "\n".join(lines)
+
+
+# ---- main ---------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(ROOT / "models" / "tiny-code-llama"), help="local HF folder")
+    p.add_argument("--num-prompts", type=int, help="default 64 (--quick: 8)")
+    p.add_argument("--input-len", type=int, help="prompt tokens, default 128 (--quick: 16)")
+    p.add_argument("--output-len", type=int, help="output tokens, default 128 (--quick: 16)")
+    p.add_argument("--concurrency", type=int, help="max requests in flight, default 16 (--quick: 4)")
+    p.add_argument("--request-rate", default="inf", help="Poisson rate(s) in req/s, comma-separated; inf: all at once")
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated from {', '.join(TARGETS)}")
+    p.add_argument("--quick", action="store_true", help="small defaults: a smoke test")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    p.add_argument("--model-cpus", type=float, default=1.0, help="Ray num_cpus of the model replica")
+    p.add_argument("--probe-requests", type=int, help="sequential requests of the overhead probe, default 20 (6)")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="s; vLLM compiles at start-up")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="default benchmarks/out/serving[-quick].json")
+    p.add_argument("--launch", help=argparse.SUPPRESS)  # internal: run a modelfleet target from this config
+    args = p.parse_args(argv)
+    for key, full, quick in (("num_prompts", 64, 8), ("input_len", 128, 16), ("output_len", 128, 16),
+                             ("concurrency", 16, 4), ("probe_requests", 20, 6)):
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    args.request_rate = [float(r) for r in args.request_rate.split(",")]
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown:
+        p.error(f"unknown targets {unknown}; choose from {list(TARGETS)}")
+    args.model = str(Path(args.model).resolve())
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.launch:
+        launch_modelfleet(args.launch)
+        return
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    machine = machine_info() | {"load_start": os.getloadavg()[0]}
+    command = " ".join([".venv/bin/python benchmarks/serving.py", *sys.argv[1:]])
+    t0 = time.perf_counter()
+    results = {t: run_target(t, args, int(config["vocab_size"])) for t in args.targets}
+    table = report(results, args)
+    print(f"\n{args.num_prompts} prompts, {args.input_len} in / {args.output_len} out, ignore_eos, float32, "
+          f"max_num_seqs {args.max_num_seqs}, KV {args.kv_cache_bytes / 2**30:g} GiB; model {args.model}\n")
+    print(table)
+    out = args.json or OUT_DIR / f"serving{'-quick' if args.quick else ''}.json"
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "launch")}
+    out.write_text(json.dumps({"machine": machine, "command": command, "settings": settings,
+                               "engine_options": engine_options(args), "total_s": time.perf_counter() - t0,
+                               "results": results, "markdown": table}, indent=1, default=str))
+    print(f"\nraw results: {out}")
+
+
+if __name__ == "__main__":
+    main()
