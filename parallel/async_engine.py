@@ -2,13 +2,16 @@
 
 The engine's step loop runs in one background thread (torch releases the GIL inside kernels, so the event
 loop stays responsive). Callers never touch the engine: they post commands to a queue, and the loop thread
-hands outputs back to each caller's asyncio queue with ``call_soon_threadsafe``. A caller that stops
-iterating (a client that disconnects) aborts its request, which frees its KV blocks before the next step.
+hands a step's outputs back with one ``call_soon_threadsafe`` per event loop (not one per request: each wakeup
+costs the loop a syscall and a GIL hand-off). A caller that finds several outputs queued takes them merged.
+A caller that stops iterating (a client that disconnects) aborts its request, which frees its KV blocks
+before the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -17,7 +20,7 @@ from typing import Any
 
 from parallel.config import EngineConfig
 from parallel.engine import EngineStats, LLMEngine
-from parallel.outputs import RequestOutput
+from parallel.outputs import RequestOutput, merge_outputs
 from parallel.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,22 @@ class _Stream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def get(self) -> RequestOutput | BaseException:
+        """The next item; consecutive outputs already queued come merged into one."""
+        item = await self.queue.get()
+        while isinstance(item, RequestOutput) and not item.finished and not self.queue.empty():
+            nxt = self.queue.get_nowait()
+            if isinstance(nxt, BaseException):
+                return nxt
+            item = merge_outputs(item, nxt)
+        return item
+
+
+def _deliver(batch: list[tuple[_Stream, RequestOutput]]) -> None:
+    """Runs on the callers' event loop: hand one step's outputs to their streams."""
+    for stream, out in batch:
+        stream.queue.put_nowait(out)
 
 
 class AsyncEngine:
@@ -99,7 +118,7 @@ class AsyncEngine:
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -165,10 +184,14 @@ class AsyncEngine:
                     stream.put(EngineDeadError(f"engine step failed: {err!r}"))
                 self._streams.clear()
                 return
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    stream.put(out)
+                    by_loop.setdefault(stream.loop, []).append((stream, out))
                     if out.finished:
                         del self._streams[out.request_id]
+            for loop, batch in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # that caller's loop is closed: nobody listens any more
+                    loop.call_soon_threadsafe(_deliver, batch)
             self._stats = self.engine.stats()

@@ -104,7 +104,8 @@ class ModelRunner:
         for s in sampled:
             n = 1 + s.num_draft
             block = logits[offset:offset + n]
-            p = self.sampler.probs(block, [s.params] * n)
+            # greedy verification compares argmaxes: the raw logits serve, no softmax needed
+            p = block if s.params.greedy else self.sampler.probs(block, [s.params] * n)
             drafts = s.token_ids[len(s.token_ids) - s.num_draft:]
             q = self.proposer.pending_q(s.request_id)
             tokens, j = verify(p, q[: s.num_draft] if q is not None else None, drafts, s.params, self.sampler,
@@ -135,7 +136,7 @@ class ModelRunner:
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [T, V] of every prompt position, without touching the KV cache (scoring, tests)."""
-        meta = AttentionMetadata(None, (PrefillSeq(0, len(token_ids), None, None),), None)
+        meta = AttentionMetadata(None, (PrefillSeq(0, len(token_ids), None, None),), None, self.block_size)
         positions = torch.arange(len(token_ids), device=self.device)
         hidden = self.model(torch.tensor(token_ids, device=self.device), positions, meta)
         return self.model.compute_logits(hidden).float()

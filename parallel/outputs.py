@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,12 @@ class RequestOutput:
     @property
     def finish_reason(self) -> str | None:
         return self.outputs[0].finish_reason
+
+
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output equivalent to ``first`` then ``later`` of the same request: cumulative fields from ``later``,
+    deltas concatenated. A consumer that fell behind takes everything queued as one item (as vLLM's output
+    collector does), so a busy server sends fewer, larger chunks instead of falling further behind."""
+    a, b = first.outputs[0], later.outputs[0]
+    merged = replace(b, delta_text=a.delta_text + b.delta_text, delta_token_ids=a.delta_token_ids + b.delta_token_ids)
+    return replace(later, outputs=(merged, *later.outputs[1:]))

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import torch
 
-from parallel.layers.attention import build_attention_metadata
+from parallel.layers.attention import build_attention_metadata, decode_metadata
 from parallel.models.llama import LlamaForCausalLM
 from parallel.sampler import Sampler
 from parallel.sampling_params import SamplingParams
@@ -120,11 +120,21 @@ class DraftProposer:
         last = torch.tensor([len(c[0]) for c in chunks], device=self.device).cumsum(0) - 1
         return self.model.compute_logits(hidden[last]).float()
 
-    def _draw(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-              sampler: Sampler) -> tuple[list[int], torch.Tensor]:
+    def _decode(self, tokens: list[int], positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """One token per request (proposal passes 2..k): logits [B, V]; block tables built once for all k."""
+        meta = decode_metadata(positions, tables, self.block_size, self.device)
+        hidden = self.model(torch.tensor(tokens, device=self.device), positions.to(self.device), meta)
+        return self.model.compute_logits(hidden).float()
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+              sampler: Sampler) -> tuple[list[int], torch.Tensor | None]:
+        """Draw x_i ~ q_i per request; q is None when every request is greedy (verification needs only x_i)."""
+        if all(p.greedy for p in params):
+            return logits.argmax(dim=-1).tolist(), None
         probs = sampler.probs(logits, params)
         greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        drawn = sampler.sample_from(probs, generators) if not bool(greedy.all()) else probs.argmax(dim=-1)
+        drawn = sampler.sample_from(probs, generators)
         return torch.where(greedy, logits.argmax(dim=-1), drawn).tolist(), probs
 
     @torch.inference_mode()
@@ -139,7 +149,7 @@ class DraftProposer:
                 owners.append(w)
             self.state[w.request_id] = DraftState(computed=w.start + len(w.known))
         proposals: dict[str, list[int]] = {}
-        qs: dict[str, list[torch.Tensor]] = {}
+        qs: dict[str, list[torch.Tensor | None]] = {}
         if not chunks:
             return {}
         logits = self._forward(chunks)
@@ -150,23 +160,31 @@ class DraftProposer:
         params = [w.params for _, w in live]
         gens = [generators.get(w.request_id) for _, w in live]
         tokens, probs = self._draw(logits[rows], params, gens, sampler)
-        for (_, w), t, pr in zip(live, tokens, probs, strict=True):
-            proposals[w.request_id], qs[w.request_id] = [t], [pr]
+        for n, ((_, w), t) in enumerate(zip(live, tokens, strict=True)):
+            proposals[w.request_id], qs[w.request_id] = [t], [None if probs is None else probs[n]]
+        if self.k > 1:
+            # passes 2..k: one token per request; the block tables are the same for all of them (the scheduler
+            # reserved lookahead slots for the proposals)
+            width = max(len(w.block_table) for _, w in live)
+            tables = torch.tensor([list(w.block_table) + [0] * (width - len(w.block_table)) for _, w in live])
+            base = torch.tensor([w.start + len(w.known) for _, w in live])  # position of x_1
         for step in range(1, self.k):
-            live = [(i, w) for i, w in live if self._room(w) > step]
-            if not live:
+            keep = [n for n, (_, w) in enumerate(live) if self._room(w) > step]
+            if not keep:
                 break
-            chunk = [([proposals[w.request_id][-1]], w.start + len(w.known) + step - 1, w.block_table) for _, w in live]
-            logits = self._forward(chunk)
+            if len(keep) < len(live):
+                live, base, tables = [live[n] for n in keep], base[keep], tables[keep]
+            logits = self._decode([proposals[w.request_id][-1] for _, w in live], base + (step - 1), tables)
             tokens, probs = self._draw(logits, [w.params for _, w in live],
                                        [generators.get(w.request_id) for _, w in live], sampler)
-            for (_, w), t, pr in zip(live, tokens, probs, strict=True):
+            for n, ((_, w), t) in enumerate(zip(live, tokens, strict=True)):
                 proposals[w.request_id].append(t)
-                qs[w.request_id].append(pr)
+                qs[w.request_id].append(None if probs is None else probs[n])
         for rid, toks in proposals.items():
             state = self.state[rid]
             state.computed += len(toks) - 1  # x_1..x_{k-1} went through the draft; x_k did not
-            state.q = torch.stack(qs[rid])
+            q_rows = qs[rid]
+            state.q = None if any(q is None for q in q_rows) else torch.stack(q_rows)  # None: greedy
         return {rid: tuple(t) for rid, t in proposals.items()}
 
     def _room(self, w: DraftWork) -> int:

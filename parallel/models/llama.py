@@ -21,7 +21,7 @@ from parallel.layers.attention import AttentionMetadata, PagedAttention
 from parallel.layers.embedding import Embedding
 from parallel.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from parallel.layers.norm import RMSNorm
-from parallel.layers.rotary import RotaryEmbedding
+from parallel.layers.rotary import RotaryEmbedding, apply_rotary
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -106,15 +106,15 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads, a.qkv_bias, tp)
         self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, a.o_bias, tp)
-        self.rotary = RotaryEmbedding(a.head_dim, a.max_position_embeddings, a.rope_theta, a.rope_scaling)
         self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, a.head_dim)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata
+                ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(x))
         q = q.view(t, self.attn.num_heads, self.attn.head_dim)
         k = k.view(t, self.attn.num_kv_heads, self.attn.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, rope)
         o = self.attn(q, k, v.view(t, self.attn.num_kv_heads, self.attn.head_dim), meta)
         return self.o_proj(o.view(t, -1))
 
@@ -138,8 +138,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = LlamaMLP(a, tp)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.self_attn(positions, self.input_layernorm(x), meta)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata
+                ) -> torch.Tensor:
+        h = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -163,6 +164,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(args, tp) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # one rotary table for all layers: cos/sin are gathered once per forward, not once per layer
+        self.rotary = RotaryEmbedding(args.head_dim, args.max_position_embeddings, args.rope_theta, args.rope_scaling)
         self.lm_head = self.embed_tokens if args.tie_word_embeddings else Embedding(args.vocab_size, args.hidden_size)
 
     def attention_layers(self) -> list[PagedAttention]:
@@ -171,8 +174,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """[T] token ids at [T] positions -> [T, hidden] final hidden states."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions, x.dtype)
         for layer in self.layers:
-            x = layer(positions, x, meta)
+            x = layer(rope, x, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
