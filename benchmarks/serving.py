@@ -241,7 +241,7 @@ def launch_modelfleet(config_file: str) -> None:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"dtype": "float32", "max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_bytes,
-            "max_num_batched_tokens": args.max_num_batched_tokens}
+            "max_num_batched_tokens": args.max_num_batched_tokens, "stream_interval": args.stream_interval}
 
 
 def start_target(target: str, args: argparse.Namespace, vocab: int, port: int, tmp: Path,
@@ -255,7 +255,8 @@ def start_target(target: str, args: argparse.Namespace, vocab: int, port: int, t
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
                "--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-               "--kv-cache-memory-bytes", str(args.kv_cache_bytes), "--disable-uvicorn-access-log"]
+               "--kv-cache-memory-bytes", str(args.kv_cache_bytes), "--disable-uvicorn-access-log",
+               "--stream-interval", str(args.stream_interval)]
     else:
         model = {"name": NAME, "source": args.model, "engine": target.removeprefix("mf-"),
                  "engine_options": engine_options(args), "resources": {"num_cpus": args.model_cpus},
@@ -381,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    p.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed chunk, for every target")
     p.add_argument("--model-cpus", type=float, default=1.0, help="Ray num_cpus of the model replica")
     p.add_argument("--probe-requests", type=int, help="sequential requests of the overhead probe, default 20 (6)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="s; vLLM compiles at start-up")

@@ -33,6 +33,7 @@ class EngineOptions(_Strict):
     kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV cache budget per replica")
     enable_prefix_caching: bool = True
     seed: int = 0
+    stream_interval: int = Field(1, ge=1, le=64, description="tokens per streamed chunk (vLLM's --stream-interval)")
 
     @field_validator("block_size")
     @classmethod

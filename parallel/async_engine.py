@@ -72,6 +72,8 @@ class AsyncEngine:
         self._stop = False
         self.error: BaseException | None = None
         self._stats = engine.stats()
+        self._interval = engine.config.scheduler.stream_interval
+        self._held: dict[str, RequestOutput] = {}  # loop thread only: outputs waiting for stream_interval tokens
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -166,6 +168,7 @@ class AsyncEngine:
             else:
                 self.engine.abort(payload)
                 self._streams.pop(payload, None)
+                self._held.pop(payload, None)
 
     def _run(self) -> None:
         while not self._stop:
@@ -187,6 +190,10 @@ class AsyncEngine:
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
             for out in outputs:
                 stream = self._streams.get(out.request_id)
+                if stream is not None and self._interval > 1:
+                    out = self._hold(out)
+                    if out is None:
+                        continue
                 if stream is not None:
                     by_loop.setdefault(stream.loop, []).append((stream, out))
                     if out.finished:
@@ -195,3 +202,15 @@ class AsyncEngine:
                 with contextlib.suppress(RuntimeError):  # that caller's loop is closed: nobody listens any more
                     loop.call_soon_threadsafe(_deliver, batch)
             self._stats = self.engine.stats()
+
+    def _hold(self, out: RequestOutput) -> RequestOutput | None:
+        """stream_interval > 1: merge a request's outputs until ``interval`` tokens are new; the first token
+        and the final output go at once. None: held for now."""
+        held = self._held.pop(out.request_id, None)
+        if held is not None:
+            out = merge_outputs(held, out)
+        c = out.outputs[0]
+        if out.finished or len(c.delta_token_ids) >= self._interval or len(c.token_ids) == len(c.delta_token_ids):
+            return out
+        self._held[out.request_id] = out
+        return None

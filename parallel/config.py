@@ -72,8 +72,14 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     enable_chunked_prefill: bool = True
+    # Tokens per streamed chunk (vLLM's --stream-interval): 1 sends every token at once; n > 1 holds a
+    # request's tokens until n are new (the first and the last token always go at once), which cuts the
+    # per-chunk cost of every hop behind the engine (replica -> router -> proxy -> client).
+    stream_interval: int = 1
 
     def validate(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

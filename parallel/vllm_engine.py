@@ -28,6 +28,7 @@ _ENGINE_ARG_NAMES = {  # our option name -> vLLM AsyncEngineArgs name
     "enable_prefix_caching": "enable_prefix_caching", "seed": "seed", "device": None,
     "tensor_parallel_size": "tensor_parallel_size", "gpu_memory_utilization": "gpu_memory_utilization",
     "enforce_eager": "enforce_eager", "speculative_config": "speculative_config",
+    "stream_interval": "stream_interval",
 }
 
 

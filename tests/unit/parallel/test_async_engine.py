@@ -63,3 +63,21 @@ def test_bad_input_raises_in_the_caller_and_others_continue(engine):
 
     assert len(asyncio.run(main())) == 4
     assert engine.is_alive()
+
+
+def test_stream_interval_groups_tokens_and_keeps_the_text(llama_path, llama_llm):
+    """stream_interval=4: first token alone, then chunks of >= 4 new tokens, the last chunk whatever is left;
+    the concatenation is the plain greedy output."""
+    eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
+                                   stream_interval=4)
+    params = SamplingParams(max_tokens=11, temperature=0, ignore_eos=True)
+
+    async def main() -> list[tuple[int, ...]]:
+        return [out.outputs[0].delta_token_ids async for out in eng.generate("si", [1, 7, 8], params)]
+
+    try:
+        chunks = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert [len(c) for c in chunks] == [1, 4, 4, 2]
+    assert [t for c in chunks for t in c] == llama_llm.generate([[1, 7, 8]], params)[0].token_ids
