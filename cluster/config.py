@@ -34,6 +34,8 @@ class EngineOptions(_Strict):
     enable_prefix_caching: bool = True
     seed: int = 0
     stream_interval: int = Field(1, ge=1, le=64, description="tokens per streamed chunk (vLLM's --stream-interval)")
+    engine_process: bool = Field(True, description="native engine: step loop in a process of its own (own GIL), "
+                                 "as vLLM's EngineCore; off: a thread of the replica")
 
     @field_validator("block_size")
     @classmethod

@@ -20,6 +20,8 @@ from typing import Any
 
 from parallel.config import EngineConfig
 from parallel.engine import EngineStats, LLMEngine
+from parallel.engine_core import EngineCoreClient, OutputAccumulator
+from parallel.inputs import encode_prompt
 from parallel.outputs import RequestOutput, merge_outputs
 from parallel.sampling_params import SamplingParams
 
@@ -56,42 +58,50 @@ def _deliver(batch: list[tuple[_Stream, RequestOutput]]) -> None:
 
 
 class AsyncEngine:
-    """Serves many concurrent async callers from one engine thread.
+    """Serves many concurrent async callers from one engine loop: a thread of this process, or (with
+    ``engine_process=True``) a child process that owns the model (``parallel.engine_core``), relayed by a
+    reader thread here.
 
     Example:
-        >>> engine = AsyncEngine.from_options("models/tiny-code-llama")
+        >>> engine = AsyncEngine.from_options("models/tiny-code-llama", engine_process=True)
         >>> async for out in engine.generate("r1", "def f():", SamplingParams(max_tokens=8)):
         ...     print(out.outputs[0].delta_text, end="")
     """
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | None = None, core: EngineCoreClient | None = None) -> None:
+        if (engine is None) == (core is None):
+            raise ValueError("give exactly one of engine (in-process loop) and core (engine process)")
+        self.engine, self.core = engine, core
+        facts: Any = engine if engine is not None else core
+        self.config: EngineConfig = facts.config
+        self.tokenizer = facts.tokenizer
+        self.max_model_len: int = facts.max_model_len
+        self._vocab_size: int = facts.vocab_size
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
+        self._acc: dict[str, OutputAccumulator] = {}  # engine process: cumulative outputs rebuilt from deltas
         self._wake = threading.Event()
         self._stop = False
         self.error: BaseException | None = None
-        self._stats = engine.stats()
-        self._interval = engine.config.scheduler.stream_interval
+        self._stats = engine.stats() if engine is not None else core.initial_stats  # type: ignore[union-attr]
+        self._interval = self.config.scheduler.stream_interval
         self._held: dict[str, RequestOutput] = {}  # loop thread only: outputs waiting for stream_interval tokens
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        target = self._run if engine is not None else self._relay
+        self._thread = threading.Thread(target=target, name="engine-loop", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_options(cls, path: str, proposer: Any = None, **options: Any) -> AsyncEngine:
-        return cls(LLMEngine(EngineConfig.from_options(path, **options), proposer))
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
+    def from_options(cls, path: str, proposer: Any = None, engine_process: bool = False,
+                     **options: Any) -> AsyncEngine:
+        """``engine_process``: run the step loop in a child process (one rank, no remote draft)."""
+        config = EngineConfig.from_options(path, **options)
+        if engine_process and proposer is None and config.parallel.tensor_parallel_size == 1:
+            return cls(core=EngineCoreClient(config))
+        return cls(LLMEngine(config, proposer))
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Validate and tokenize (thread-safe: reads only immutable engine facts)."""
-        return self.engine.encode_prompt(prompt)
+        return encode_prompt(prompt, self.tokenizer, self._vocab_size, self.max_model_len)
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
@@ -100,7 +110,10 @@ class AsyncEngine:
         """Raises when the loop died or a model rank is gone (call from a thread: it may block briefly)."""
         if not self.is_alive():
             raise EngineDeadError(f"engine loop is not running: {self.error!r}")
-        self.engine.check_health()
+        if self.engine is not None:
+            self.engine.check_health()
+        elif not self.core.is_alive():  # type: ignore[union-attr]
+            raise EngineDeadError("engine process exited")
 
     # ---- public API -------------------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt: str | list[int],
@@ -111,11 +124,14 @@ class AsyncEngine:
         """
         if self.error is not None:
             raise EngineDeadError(f"engine loop failed: {self.error!r}")
-        self.encode_prompt(prompt)  # validate here, so bad input raises in the caller
+        ids = self.encode_prompt(prompt)  # validate here, so bad input raises in the caller
         stream = _Stream(asyncio.get_running_loop())
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._streams[request_id] = stream
+        if self.core is not None:
+            self._acc[request_id] = OutputAccumulator(prompt if isinstance(prompt, str) else None, tuple(ids),
+                                                      params.logprobs is not None)
         self._post("add", (request_id, prompt, params))
         finished = False
         try:
@@ -144,14 +160,26 @@ class AsyncEngine:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)
-        self.engine.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
+        else:
+            self.core.shutdown()  # type: ignore[union-attr]
 
     # ---- the loop thread --------------------------------------------------------------------------------
     def _post(self, kind: str, payload: Any) -> None:
+        if self.core is not None:  # the engine process reads its own pipe: no local queue
+            if kind == "abort":
+                self._streams.pop(payload, None)
+                self._acc.pop(payload, None)
+                self._held.pop(payload, None)
+            with contextlib.suppress(BrokenPipeError, OSError):  # a dead process is reported by the relay
+                self.core.send(kind, payload)
+            return
         self._commands.put((kind, payload))
         self._wake.set()
 
     def _drain_commands(self) -> None:
+        assert self.engine is not None
         while True:
             try:
                 kind, payload = self._commands.get_nowait()
@@ -171,6 +199,7 @@ class AsyncEngine:
                 self._held.pop(payload, None)
 
     def _run(self) -> None:
+        assert self.engine is not None
         while not self._stop:
             self._drain_commands()
             if not self.engine.has_unfinished():
@@ -182,26 +211,71 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except Exception as err:  # a bug or a device failure: fail loudly, never hang callers
                 logger.exception("engine step failed")
-                self.error = err
-                for stream in self._streams.values():
-                    stream.put(EngineDeadError(f"engine step failed: {err!r}"))
-                self._streams.clear()
+                self._fail(err)
                 return
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None and self._interval > 1:
-                    out = self._hold(out)
-                    if out is None:
-                        continue
-                if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream, out))
-                    if out.finished:
-                        del self._streams[out.request_id]
-            for loop, batch in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # that caller's loop is closed: nobody listens any more
-                    loop.call_soon_threadsafe(_deliver, batch)
+            self._dispatch(outputs)
             self._stats = self.engine.stats()
+
+    def _relay(self) -> None:
+        """Engine process mode: read step results from the child and hand them to the streams."""
+        core = self.core
+        assert core is not None
+        while not self._stop:
+            try:
+                if not core.poll(0.5):
+                    if not core.is_alive() and not self._stop:
+                        self._fail(RuntimeError("engine process exited"))
+                        return
+                    continue
+                kind, payload = core.recv()
+            except (EOFError, OSError) as err:
+                if not self._stop:
+                    self._fail(RuntimeError(f"engine process connection lost: {err!r}"))
+                return
+            if kind == "outputs":
+                deltas, self._stats = payload
+                outputs = []
+                for d in deltas:
+                    acc = self._acc.get(d.request_id)
+                    if acc is None:
+                        continue  # aborted meanwhile
+                    outputs.append(acc.add(d))
+                    if d.finished:
+                        self._acc.pop(d.request_id, None)
+                self._dispatch(outputs)
+            elif kind == "stats":
+                self._stats = payload
+            elif kind == "rejected":
+                request_id, message = payload
+                self._acc.pop(request_id, None)
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    stream.put(ValueError(message))
+            elif kind == "dead":
+                self._fail(RuntimeError(payload))
+                return
+
+    def _fail(self, err: BaseException) -> None:
+        self.error = err
+        for stream in list(self._streams.values()):
+            stream.put(EngineDeadError(f"engine step failed: {err!r}"))
+        self._streams.clear()
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None and self._interval > 1:
+                out = self._hold(out)
+                if out is None:
+                    continue
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that caller's loop is closed: nobody listens any more
+                loop.call_soon_threadsafe(_deliver, batch)
 
     def _hold(self, out: RequestOutput) -> RequestOutput | None:
         """stream_interval > 1: merge a request's outputs until ``interval`` tokens are new; the first token

@@ -29,6 +29,7 @@ _ENGINE_ARG_NAMES = {  # our option name -> vLLM AsyncEngineArgs name
     "tensor_parallel_size": "tensor_parallel_size", "gpu_memory_utilization": "gpu_memory_utilization",
     "enforce_eager": "enforce_eager", "speculative_config": "speculative_config",
     "stream_interval": "stream_interval",
+    "engine_process": None,  # vLLM always runs its EngineCore in a process of its own
 }
 
 

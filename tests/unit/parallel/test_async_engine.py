@@ -5,12 +5,15 @@ import asyncio
 import pytest
 
 from parallel import SamplingParams
-from parallel.async_engine import AsyncEngine
+from parallel.async_engine import AsyncEngine, EngineDeadError
 
 
-@pytest.fixture(scope="module")
-def engine(llama_path):
-    eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8)
+@pytest.fixture(scope="module", params=["thread", "process"])
+def engine(request, llama_path):
+    """The step loop in a thread of this process, and in an engine process of its own: same behaviour."""
+    eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
+                                   engine_process=request.param == "process")
+    assert (eng.core is not None) == (request.param == "process")
     yield eng
     eng.shutdown()
 
@@ -65,11 +68,12 @@ def test_bad_input_raises_in_the_caller_and_others_continue(engine):
     assert engine.is_alive()
 
 
-def test_stream_interval_groups_tokens_and_keeps_the_text(llama_path, llama_llm):
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_stream_interval_groups_tokens_and_keeps_the_text(llama_path, llama_llm, engine_process):
     """stream_interval=4: first token alone, then chunks of >= 4 new tokens, the last chunk whatever is left;
     the concatenation is the plain greedy output."""
     eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
-                                   stream_interval=4)
+                                   stream_interval=4, engine_process=engine_process)
     params = SamplingParams(max_tokens=11, temperature=0, ignore_eos=True)
 
     async def main() -> list[tuple[int, ...]]:
@@ -81,3 +85,24 @@ def test_stream_interval_groups_tokens_and_keeps_the_text(llama_path, llama_llm)
         eng.shutdown()
     assert [len(c) for c in chunks] == [1, 4, 4, 2]
     assert [t for c in chunks for t in c] == llama_llm.generate([[1, 7, 8]], params)[0].token_ids
+
+
+def test_engine_process_that_dies_fails_streams_and_health(llama_path):
+    eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
+                                   engine_process=True)
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+
+    async def main() -> None:
+        n = 0
+        with pytest.raises(EngineDeadError):
+            async for _ in eng.generate("victim", [1, 5, 6], params):
+                n += 1
+                if n == 2:
+                    eng.core.process.kill()  # what the OOM killer would do
+        with pytest.raises(EngineDeadError):
+            eng.check_health()
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
