@@ -40,6 +40,7 @@ class BatchedQueries:
     valid: torch.Tensor | None  # [B, Q] bool, None when nothing is padded
     block_tables: torch.Tensor  # [B, W] (padding repeats block 0, masked)
     mask: torch.Tensor  # [B, 1, Q, W * block_size]
+    decode: bool = False  # one query per request and no prefills: token i is request i (no gather/scatter)
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ def decode_metadata(positions: torch.Tensor, tables: torch.Tensor, block_size: i
     slot_mapping = tables.gather(1, (positions // block_size)[:, None]).flatten() * block_size + positions % block_size
     token_index = torch.arange(len(positions))[:, None]
     return AttentionMetadata(slot_mapping.to(device), (),
-                             BatchedQueries(token_index.to(device), None, tables.to(device), mask.to(device)),
-                             block_size)
+                             BatchedQueries(token_index.to(device), None, tables.to(device), mask.to(device),
+                                            decode=True), block_size)
 
 
 def build_attention_metadata(chunks: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
@@ -153,6 +154,12 @@ class PagedAttention(nn.Module):
         if meta.slot_mapping is not None:
             k_cache.index_copy_(0, meta.slot_mapping, k)
             v_cache.index_copy_(0, meta.slot_mapping, v)
+        b = meta.batched
+        if b is not None and b.decode:  # pure decode: [B, H, D] queries are already in request order
+            kb = _gather(k_cache, b.block_tables, meta.block_size).transpose(1, 2)  # [B, Hkv, L, D]
+            vb = _gather(v_cache, b.block_tables, meta.block_size).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), kb, vb, attn_mask=b.mask, enable_gqa=True)
+            return o.squeeze(2)
         out = torch.empty_like(q)
         for p in meta.prefills:
             qs = q[p.start:p.end].transpose(0, 1).unsqueeze(0)
@@ -165,7 +172,6 @@ class PagedAttention(nn.Module):
                 qs, ks.transpose(0, 1).unsqueeze(0), vs.transpose(0, 1).unsqueeze(0),
                 attn_mask=p.mask, is_causal=p.mask is None, enable_gqa=True)
             out[p.start:p.end] = o[0].transpose(0, 1)
-        b = meta.batched
         if b is not None:
             qb = q[b.token_index].transpose(1, 2)  # [B, H, Q, D]
             kb = _gather(k_cache, b.block_tables, meta.block_size).transpose(1, 2)  # [B, Hkv, L, D]

@@ -21,7 +21,7 @@ from parallel.layers.attention import AttentionMetadata, PagedAttention
 from parallel.layers.embedding import Embedding
 from parallel.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from parallel.layers.norm import RMSNorm
-from parallel.layers.rotary import RotaryEmbedding, apply_rotary
+from parallel.layers.rotary import RotaryEmbedding, rotate
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -110,13 +110,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata
                 ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(t, self.attn.num_heads, self.attn.head_dim)
-        k = k.view(t, self.attn.num_kv_heads, self.attn.head_dim)
-        q, k = apply_rotary(q, k, rope)
-        o = self.attn(q, k, v.view(t, self.attn.num_kv_heads, self.attn.head_dim), meta)
-        return self.o_proj(o.view(t, -1))
+        t, h, h_kv = x.shape[0], self.attn.num_heads, self.attn.num_kv_heads
+        heads = self.qkv_proj(x).view(t, h + 2 * h_kv, self.attn.head_dim)  # [q heads | k heads | v heads]
+        qk = rotate(heads[:, :h + h_kv], rope)  # q and k rotated together: one set of ops, not two
+        o = self.attn(qk[:, :h], qk[:, h:], heads[:, h + h_kv:], meta)
+        return self.o_proj(o.reshape(t, -1))
 
 
 class LlamaMLP(nn.Module):
