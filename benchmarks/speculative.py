@@ -97,7 +97,9 @@ def run_separate(k: int, batch: int, new_tokens: int, reps: int) -> dict[str, An
              log_to_driver=False)
     spec = {"speculative": {"draft": str(DRAFT), "num_speculative_tokens": k, "placement": "separate"}} if k else {}
     serve.run(build({"models": [{"name": "m", "source": str(TARGET), "resources": {"num_cpus": 1},
-                                 "engine_options": {"dtype": "float32", "max_num_seqs": max(batch, 1)}, **spec}]}),
+                                 # in-thread engine for both rows: a remote draft needs the replica's Ray context
+                                 "engine_options": {"dtype": "float32", "max_num_seqs": max(batch, 1),
+                                                    "engine_process": False}, **spec}]}),
               name="bench", route_prefix="/")
     handle = serve.get_deployment_handle("m", app_name="bench")
     req = [{"prompt": p, "sampling": {"max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}}
