@@ -78,6 +78,8 @@ def our_llm(path: Path, args: argparse.Namespace) -> Any:
 
 
 def worker_ours(path: Path, requests: dict[str, list[Request]], args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from parallel import SamplingParams
 
     llm = our_llm(path, args)
@@ -89,7 +91,8 @@ def worker_ours(path: Path, requests: dict[str, list[Request]], args: argparse.N
     run(warmup_requests(model_facts(path)["vocab_size"]))
     out = {name: _timed(run, reqs) for name, reqs in requests.items()}
     for res in out.values():
-        res["config"] = f"max_num_seqs={args.max_num_seqs}, max_num_batched_tokens={args.max_num_batched_tokens}"
+        res["config"] = (f"max_num_seqs={args.max_num_seqs}, max_num_batched_tokens={args.max_num_batched_tokens}, "
+                         f"{torch.get_num_threads()} threads")
     return out
 
 
@@ -130,7 +133,7 @@ def worker_hf(path: Path, requests: dict[str, list[Request]], args: argparse.Nam
             sweep[bs], others = round(res["tok_s"], 2), max(others, res["others"])
             print(f"  transformers {name} batch {bs}: {res['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
             if best is None or res["tok_s"] > best["tok_s"]:
-                best = res | {"config": f"batch {bs}"}
+                best = res | {"config": f"batch {bs}, {torch.get_num_threads()} threads"}
         assert best is not None
         out[name] = best | {"sweep": sweep, "others": others}  # others: the worst of the sweep
     return out
@@ -288,6 +291,8 @@ def spawn_once(worker: str, model: str, args: argparse.Namespace, workloads: lis
         if args.vllm_reserved_cpus is not None:
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(args.vllm_reserved_cpus)
         (tmp / "rpc").mkdir()
+    elif args.threads:  # ours / transformers / batch-1 / profile: torch's intra-op threads
+        env |= {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     print(f"[{time.strftime('%H:%M:%S')}] {worker} on {model}: {', '.join(workloads) or 'batch-1'}", flush=True)
     t0 = time.perf_counter()
     log = tmp / "worker.log"
@@ -332,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--kv-cache-gib", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of ours and transformers (default: torch's choice, one per core); vLLM's "
+                        "CPU worker binds its own cores (by default all but one, kept for its front end)")
     p.add_argument("--vllm-eager", action="store_true", help="enforce_eager=True for vLLM (no torch.compile)")
     p.add_argument("--vllm-reserved-cpus", type=int, default=None,
                    help="VLLM_CPU_NUM_OF_RESERVED_CPU (default: vLLM's own choice)")
