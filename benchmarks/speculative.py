@@ -5,7 +5,8 @@
 
 Speedup = output tokens/s with speculation / without, for batch 1 and 8 and k in {2, 4, 6}, greedy,
 code prompts (batch 1: each of the 8 prompts alone, in turn; batch 8: all 8 together). Measured acceptance
-a gives the expected tokens per target pass E = (1 - a^(k+1)) / (1 - a) (Leviathan et al. 2023, eq. 1); the speedup falls short of E by the draft's cost (k draft passes per step).
+a gives the expected tokens per target pass E = (1 - a^(k+1)) / (1 - a) (Leviathan et al. 2023, eq. 1);
+the speedup falls short of E by the draft's cost (k draft passes per step).
 Each engine variant runs in its own subprocess (clean memory and threads), all from one invocation.
 """
 
