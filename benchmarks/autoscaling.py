@@ -64,7 +64,7 @@ async def replay(base: str, events: list[tuple[float, int]]) -> list[dict[str, A
         return await asyncio.gather(*(one(at, n, start) for at, n in events))
 
 
-def run_policy(policy: str, events: list[tuple[float, int]], port: int) -> dict[str, Any]:
+def run_policy(policy: str, events: list[tuple[float, int]], port: int, target: float = 4.0) -> dict[str, Any]:
     from ray import serve
 
     from cluster.app import build
@@ -72,7 +72,7 @@ def run_policy(policy: str, events: list[tuple[float, int]], port: int) -> dict[
     knobs = {"min_replicas": 1, "max_replicas": 3, "upscale_delay_s": 3.0, "downscale_delay_s": 15.0}
     model = {"name": "m", "source": TARGET, "resources": {"num_cpus": 0.5},
              "engine_options": {"dtype": "float32", "max_num_seqs": 4}}
-    model["autoscaling"] = {**knobs, "target_queue_depth": 4.0} if policy == "ours" else {
+    model["autoscaling"] = {**knobs, "target_queue_depth": target} if policy.startswith("ours") else {
         **knobs, "policy": "serve-default", "target_ongoing_requests": 2.0}
     app = build({"name": "bench", "models": [model], "router": {"num_cpus": 0.1}})
     serve.run(app, name="bench", route_prefix="/")
@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--slo-s", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ours-targets", default="4,2",
+                    help="target_queue_depth values for our policy (2 = Serve's default target_ongoing_requests)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -114,7 +116,9 @@ def main() -> None:
     port = 18000 + random.Random().randint(0, 999)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     events = trace(args.seed, args.quick)
-    rows = [run_policy(p, events, port) for p in ("ours", "serve-default")]
+    targets = [float(t) for t in args.ours_targets.split(",")]
+    rows = [run_policy(f"ours (queue depth {t:g}/replica)", events, port, t) for t in targets]
+    rows.append(run_policy("serve-default (target_ongoing_requests 2)", events, port))
     serve.shutdown()
     ray.shutdown()
     print(f"trace: {len(events)} requests over {events[-1][0]:.0f} s (seed {args.seed}); TTFT SLO {args.slo_s} s; "
