@@ -15,10 +15,12 @@ handles, not yet in a replica); ``total_num_requests`` (Serve's own ongoing coun
 
 Combination rule, with ``n`` = running replicas:
 
-* queue depth: ``observed`` = (Σ over replicas of waiting + running, plus requests queued at handles) / n
-  → ``ceil(n × observed / target_queue_depth)``, i.e. total demand / target. A replica that has not
-  reported yet (just started) counts as empty; with no reports at all, Serve's ``total_num_requests``
-  stands in.
+* queue depth: ``observed`` = max(Σ over replicas of waiting + running, plus requests queued at handles;
+  Serve's ``total_num_requests``) / n → ``ceil(n × observed / target_queue_depth)``, i.e. total demand /
+  target. The replicas' numbers arrive averaged and late (push interval, look-back window), Serve's handle
+  count sooner: the max reacts to a burst as fast as Serve's default and still sees engine-side queues.
+  A replica that has not reported yet (just started) counts as empty; with no reports at all,
+  Serve's ``total_num_requests`` stands in.
 * KV usage: ``ceil(n × mean kv_usage / kv_usage_high_water)``, which is at least ``n + 1`` whenever
   the mean is above the high-water mark (and holds replicas that KV pressure still needs).
 * GPU utilisation, only when ``target_gpu_utilization`` is set *and* replicas report it:
@@ -199,11 +201,15 @@ def _signals(ctx: Any, knobs: PolicyKnobs) -> list[_Signal]:
 
     waiting, running = metrics.get(WAITING) or {}, metrics.get(RUNNING) or {}
     reporters = set(waiting) | set(running)
+    serve_count = float(ctx.total_num_requests or 0.0)  # ongoing + queued, as the handles count them
     if reporters:
         engine = sum(float(waiting.get(r, 0.0)) + float(running.get(r, 0.0)) for r in reporters)
-        depth = (engine + float(ctx.total_queued_requests or 0.0)) / n  # a replica yet to report: empty
+        # The engines' own queues see what Serve cannot (requests admitted but waiting for KV or a batch
+        # slot), but they arrive averaged over the look-back window after a push interval; Serve's handle
+        # count is fresher at the start of a burst. Demand = the larger: never slower than Serve's default.
+        depth = max(engine + float(ctx.total_queued_requests or 0.0), serve_count) / n  # unreported: empty
     else:  # no replica has reported yet: Serve's own count of ongoing + queued requests
-        depth = float(ctx.total_num_requests or 0.0) / n
+        depth = serve_count / n
     out = [_Signal(_ceil(n * depth / knobs.target_queue_depth), f"queue depth {_fmt(depth)}/replica",
                    f"target {_fmt(knobs.target_queue_depth)}")]
 

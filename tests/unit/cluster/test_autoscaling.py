@@ -111,6 +111,14 @@ def test_serve_request_count_stands_in_before_replicas_report():
     assert decide(make_ctx(2, total=24), NOW)[0] == 6  # 12 per replica, no custom metrics yet
 
 
+def test_a_burst_serve_already_counts_is_not_missed_while_replica_stats_lag():
+    # the replica's averaged stats still show the quiet before the burst; Serve's handles count 12 ongoing
+    ctx = make_ctx(1, waiting=[0], running=[1], kv=[0.05], total=12)
+    assert decide(ctx, NOW)[0] == 3  # 12 / target 4, not 1 / 4
+    # and the engine's own queue still counts when it is the larger
+    assert decide(make_ctx(1, waiting=[7], running=[4], kv=[0.3], total=4), NOW)[0] == 3
+
+
 def test_kv_usage_alone_scales_up(serve_log):
     ctx = make_ctx(2, waiting=[0, 0], running=[2, 2], kv=[0.94, 0.96])  # queue alone says 1
     assert decide(ctx, NOW)[0] == 3
