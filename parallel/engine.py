@@ -21,7 +21,7 @@ from parallel.inputs import encode_prompt
 from parallel.model_runner import kv_bytes_per_block
 from parallel.models.llama import LlamaArgs
 from parallel.models.loader import check_model_folder, checkpoint_dtype, read_json, weight_files
-from parallel.outputs import CompletionOutput, RequestOutput
+from parallel.outputs import CompletionOutput, RequestOutput, cumulative_logprob
 from parallel.request import Request, RequestStatus
 from parallel.sampling_params import SamplingParams
 from parallel.scheduler import Scheduler
@@ -227,7 +227,7 @@ class LLMEngine:
             finish_reason=request.status.value if finished else None,
             delta_text=delta, delta_token_ids=tuple(fresh),
             logprobs=tuple(lps) if lps is not None else None,
-            cumulative_logprob=sum(e[t] for e, t in zip(lps, request.output_token_ids, strict=False)) if lps else None,
+            cumulative_logprob=cumulative_logprob(lps, request.output_token_ids),
             stop_reason=stop_reason)
         return RequestOutput(rid, request.prompt, tuple(request.prompt_token_ids), (completion,), finished,
                              request.num_cached_tokens)

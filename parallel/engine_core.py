@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from parallel.config import EngineConfig
-from parallel.outputs import CompletionOutput, RequestOutput
+from parallel.outputs import CompletionOutput, RequestOutput, cumulative_logprob
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class OutputAccumulator:
         completion = CompletionOutput(
             index=0, text=self.text, token_ids=tuple(self.token_ids), finish_reason=d.finish_reason,
             delta_text=d.text, delta_token_ids=d.token_ids, logprobs=lps,
-            cumulative_logprob=sum(e[t] for e, t in zip(lps, self.token_ids, strict=False)) if lps else None,
+            cumulative_logprob=cumulative_logprob(lps, self.token_ids),
             stop_reason=d.stop_reason)
         return RequestOutput(d.request_id, self.prompt, self.prompt_token_ids, (completion,), d.finished,
                              d.num_cached_tokens)

@@ -57,3 +57,9 @@ def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
     a, b = first.outputs[0], later.outputs[0]
     merged = replace(b, delta_text=a.delta_text + b.delta_text, delta_token_ids=a.delta_token_ids + b.delta_token_ids)
     return replace(later, outputs=(merged, *later.outputs[1:]))
+
+
+def cumulative_logprob(logprobs: tuple[dict[int, float], ...] | list[dict[int, float]] | None,
+                       token_ids: tuple[int, ...] | list[int]) -> float | None:
+    """Sum of the chosen tokens' logprobs (None without logprobs)."""
+    return sum(e[t] for e, t in zip(logprobs, token_ids, strict=False)) if logprobs else None

@@ -45,13 +45,12 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) ->
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin per position; ``forward(positions, q, k)`` rotates q and k in place of copies.
+    """Precomputed cos/sin per position, gathered once per forward (``cos_sin``) and applied by ``rotate``.
 
     Example:
         >>> rope = RotaryEmbedding(8, 32, 10000.0, None)
-        >>> q, k = rope(torch.tensor([0, 1]), torch.ones(2, 2, 8), torch.ones(2, 1, 8))
-        >>> q.shape
-        torch.Size([2, 2, 8])
+        >>> rotate(torch.ones(2, 3, 8), rope.cos_sin(torch.tensor([0, 1]), torch.float32)).shape
+        torch.Size([2, 3, 8])
     """
 
     def __init__(self, head_dim: int, max_positions: int, base: float, scaling: dict[str, Any] | None) -> None:
@@ -65,15 +64,6 @@ class RotaryEmbedding(nn.Module):
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows [T, 1, D] for the positions: looked up once per forward and shared by every layer."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(q, k, self.cos_sin(positions, q.dtype))
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q [T, H, D] and k [T, Hkv, D] by precomputed cos/sin [T, 1, D]."""
-    return rotate(q, cos_sin), rotate(k, cos_sin)
 
 
 def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -70,8 +70,8 @@ def test_bad_input_raises_in_the_caller_and_others_continue(engine):
 
 @pytest.mark.parametrize("engine_process", [False, True])
 def test_stream_interval_groups_tokens_and_keeps_the_text(llama_path, llama_llm, engine_process):
-    """stream_interval=4: first token alone, then chunks of >= 4 new tokens, the last chunk whatever is left;
-    the concatenation is the plain greedy output."""
+    """stream_interval=4: first token alone, then chunks of 4 new tokens, the last chunk whatever is left
+    (merged further only when the consumer lags); the concatenation is the plain greedy output."""
     eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
                                    stream_interval=4, engine_process=engine_process)
     params = SamplingParams(max_tokens=11, temperature=0, ignore_eos=True)
@@ -83,7 +83,10 @@ def test_stream_interval_groups_tokens_and_keeps_the_text(llama_path, llama_llm,
         chunks = asyncio.run(main())
     finally:
         eng.shutdown()
-    assert [len(c) for c in chunks] == [1, 4, 4, 2]
+    # held back to 4 at a time; a consumer that lags may get several chunks merged, never smaller ones
+    sizes = [len(c) for c in chunks]
+    merged = [[1, 4, 4, 2], [5, 4, 2], [1, 8, 2], [1, 4, 6], [9, 2], [5, 6], [1, 10], [11]]  # runs of [1, 4, 4, 2]
+    assert sizes in merged, sizes
     assert [t for c in chunks for t in c] == llama_llm.generate([[1, 7, 8]], params)[0].token_ids
 
 
