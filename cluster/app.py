@@ -89,7 +89,8 @@ def _engine_options(m: ModelSpec, models: dict[str, ModelSpec] | None = None) ->
             options["speculative_config"] = {"method": "draft_model", "model": draft,
                                              "num_speculative_tokens": spec.num_speculative_tokens}
         else:
-            options.update(draft_path=draft, num_speculative_tokens=spec.num_speculative_tokens)
+            options.update(draft_path=draft, num_speculative_tokens=spec.num_speculative_tokens,
+                           compile_draft=spec.compile_draft)
     if m.tensor_parallel_size > 1:
         options["tensor_parallel_size"] = m.tensor_parallel_size
         if m.engine == "native":
@@ -111,7 +112,8 @@ def build(args: dict[str, Any]) -> Application:
                 draft = DraftServer.options(name=f"{m.name}-draft-server",
                                             ray_actor_options={"num_cpus": m.resources.num_cpus}).bind(
                     options.pop("draft_path"), options["num_speculative_tokens"],
-                    options.get("max_model_len", 1024), options.get("kv_cache_memory_bytes", 256 << 20))
+                    options.get("max_model_len", 1024), options.get("kv_cache_memory_bytes", 256 << 20),
+                    compile=options.pop("compile_draft"))
             llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine, options, draft)
         else:
             embedders[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)

@@ -36,6 +36,8 @@ class EngineOptions(_Strict):
     stream_interval: int = Field(1, ge=1, le=64, description="tokens per streamed chunk (vLLM's --stream-interval)")
     engine_process: bool = Field(True, description="native engine: step loop in a process of its own (own GIL), "
                                  "as vLLM's EngineCore; off: a thread of the replica")
+    compile: bool = Field(False, description="native engine: torch.compile the decode and verification steps "
+                          "(~15 s per graph at start; vLLM compiles by its own default, enforce_eager)")
 
     @field_validator("block_size")
     @classmethod
@@ -51,6 +53,8 @@ class SpeculativeSpec(_Strict):
     draft: str
     num_speculative_tokens: int = Field(4, ge=1, le=16)
     placement: Literal["colocated", "separate"] = "colocated"
+    compile_draft: bool = Field(False, description="native engine: the draft's k proposal passes as one "
+                                "torch.compile'd graph (greedy) or compiled passes")
 
 
 class AutoscalingSpec(_Strict):

@@ -27,7 +27,7 @@ class DraftServer:
     """
 
     def __init__(self, source: str, k: int, max_model_len: int = 1024, kv_cache_memory_bytes: int = 256 << 20,
-                 block_size: int = 16) -> None:
+                 block_size: int = 16, compile: bool = False) -> None:
         from parallel.model_runner import kv_bytes_per_block
         from parallel.models.llama import LlamaArgs
         from parallel.models.loader import read_json
@@ -36,7 +36,7 @@ class DraftServer:
         num_blocks = max(kv_cache_memory_bytes // kv_bytes_per_block(args, 1, block_size, torch.float32),
                          -(-max_model_len // block_size))
         self.service = DraftService(source, k, min(max_model_len, args.max_position_embeddings), num_blocks,
-                                    block_size)
+                                    block_size, compile=compile)
 
     def propose(self, client: str, works: list[DraftWork], forgotten: list[str]) -> dict[str, Any]:
         return self.service.propose(client, works, forgotten)

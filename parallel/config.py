@@ -28,6 +28,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int = 0
     skip_tokenizer_init: bool = False
+    compile: bool = False  # torch.compile the uniform steps (decode, verification); ~15 s per graph at start
 
     def validate(self) -> None:
         if self.dtype not in _DTYPES:
@@ -119,6 +120,7 @@ class SpeculativeConfig:
     draft_path: str | None = None
     num_speculative_tokens: int = 0
     external_draft: bool = False  # the caller supplies the proposer (e.g. a draft deployment elsewhere)
+    compile_draft: bool = False  # torch.compile the draft's proposal passes (k tiny sequential passes per step)
 
     @property
     def enabled(self) -> bool:
@@ -153,6 +155,8 @@ class EngineConfig:
             part.validate()
         if self.speculative.enabled and self.parallel.tensor_parallel_size > 1:
             raise ValueError("speculative decoding with tensor_parallel_size > 1 is not supported yet")
+        if self.model.compile and self.parallel.tensor_parallel_size > 1:
+            raise ValueError("compile with tensor_parallel_size > 1 is not supported yet (ranks run eager)")
 
     @classmethod
     def from_options(cls, path: str, **options: Any) -> EngineConfig:

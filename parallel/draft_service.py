@@ -35,10 +35,10 @@ class DraftService:
     """
 
     def __init__(self, path: str, k: int, max_model_len: int, num_blocks: int, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> None:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0, compile: bool = False) -> None:
         model = load_model(path, dtype, torch.device(device))
         self.k = k
-        self.proposer = DraftProposer(model, num_blocks, block_size, k, max_model_len)
+        self.proposer = DraftProposer(model, num_blocks, block_size, k, max_model_len, compile=compile)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
         self.sampler = Sampler(torch.Generator().manual_seed(seed))
         self.seqs: dict[str, Request] = {}

@@ -49,8 +49,9 @@ class UniProcExecutor:
                 raise ValueError(f"draft vocab_size={draft.args.vocab_size} differs from the target's "
                                  f"{model.args.vocab_size}: the draft must share the target's tokenizer")
             proposer = DraftProposer(draft, num_blocks, config.cache.block_size, spec.num_speculative_tokens,
-                                     max_model_len)
-        self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.model.seed, proposer=proposer)
+                                     max_model_len, compile=spec.compile_draft)
+        self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.model.seed, proposer=proposer,
+                                  compile=config.model.compile)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute(out)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from parallel.layers.attention import AttentionMetadata, PrefillSeq, build_attention_metadata
+from parallel.compiled import ModelForward
+from parallel.layers.attention import AttentionMetadata, PrefillSeq
 from parallel.models.llama import LlamaArgs, LlamaForCausalLM
 from parallel.sampler import Sampler, logprob_entry
 from parallel.scheduler import ScheduledRequest, SchedulerOutput, StepResult
@@ -31,8 +32,9 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, seed: int = 0,
-                 sample: bool = True, proposer: Proposer | None = None) -> None:
+                 sample: bool = True, proposer: Proposer | None = None, compile: bool = False) -> None:
         self.model = model
+        self.forward = ModelForward(model, block_size, compile)  # compiled uniform steps only when asked
         self.proposer = proposer
         self.sample = sample  # tensor-parallel ranks > 0 run the layers (for the collectives) but never sample
         self.block_size = block_size
@@ -66,16 +68,12 @@ class ModelRunner:
                 self.proposer.step([], {}, self.sampler)  # a remote draft frees those sequences now, not later
             return StepResult({})
         ids: list[int] = []
-        positions: list[int] = []
         rows: list[int] = []  # logits rows: the last 1 + num_draft positions of each sampled request
         for s in out.scheduled:
             ids.extend(s.token_ids)
-            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
             if s.sample:
                 rows.extend(range(len(ids) - 1 - s.num_draft, len(ids)))
-        meta = build_attention_metadata(
-            [(s.start_pos, len(s.token_ids), s.block_table) for s in out.scheduled], self.block_size, self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta)
+        hidden = self.forward(ids, [(s.start_pos, len(s.token_ids), s.block_table) for s in out.scheduled])
         sampled = [s for s in out.scheduled if s.sample]
         if not self.sample:
             return StepResult({})

@@ -21,7 +21,8 @@ from typing import Protocol
 
 import torch
 
-from parallel.layers.attention import build_attention_metadata, decode_metadata
+from parallel.compiled import ModelForward
+from parallel.layers.attention import uniform_inputs
 from parallel.models.llama import LlamaForCausalLM
 from parallel.sampler import Sampler
 from parallel.sampling_params import SamplingParams
@@ -93,8 +94,11 @@ class DraftProposer:
         >>> proposals = proposer.step(works, generators, sampler)  # {request id: (x_1..x_k)}
     """
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, k: int, max_model_len: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, k: int, max_model_len: int,
+                 compile: bool = False) -> None:
         self.model, self.block_size, self.k, self.max_model_len = model, block_size, k, max_model_len
+        # the k proposal passes are tiny and sequential: per-op dispatch dominates them, compiling removes it
+        self.forward = ModelForward(model, block_size, compile)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         for attn in model.attention_layers():
@@ -112,18 +116,14 @@ class DraftProposer:
 
     def _forward(self, chunks: list[tuple[list[int], int, tuple[int, ...]]]) -> torch.Tensor:
         """Run the draft on (tokens, start position, block table) chunks; logits of each chunk's last token."""
-        ids = [t for tokens, _, _ in chunks for t in tokens]
-        positions = [p for tokens, start, _ in chunks for p in range(start, start + len(tokens))]
-        meta = build_attention_metadata([(start, len(tokens), table) for tokens, start, table in chunks],
-                                        self.block_size, self.device)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device), meta)
+        hidden = self.forward([t for tokens, _, _ in chunks for t in tokens],
+                              [(start, len(tokens), table) for tokens, start, table in chunks])
         last = torch.tensor([len(c[0]) for c in chunks], device=self.device).cumsum(0) - 1
         return self.model.compute_logits(hidden[last]).float()
 
     def _decode(self, tokens: list[int], positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """One token per request (proposal passes 2..k): logits [B, V]; block tables built once for all k."""
-        meta = decode_metadata(positions, tables, self.block_size, self.device)
-        hidden = self.model(torch.tensor(tokens, device=self.device), positions.to(self.device), meta)
+        hidden = self.forward.uniform(torch.tensor(tokens), positions[:, None], tables)
         return self.model.compute_logits(hidden).float()
 
     @staticmethod
@@ -152,6 +152,9 @@ class DraftProposer:
         qs: dict[str, list[torch.Tensor | None]] = {}
         if not chunks:
             return {}
+        fused = self._fused(chunks, owners)
+        if fused is not None:
+            return fused
         logits = self._forward(chunks)
         live = [(i, w) for i, w in enumerate(owners) if w.propose and self._room(w) > 0]
         if not live:
@@ -186,6 +189,22 @@ class DraftProposer:
             q_rows = qs[rid]
             state.q = None if any(q is None for q in q_rows) else torch.stack(q_rows)  # None: greedy
         return {rid: tuple(t) for rid, t in proposals.items()}
+
+    def _fused(self, chunks: list[tuple[list[int], int, tuple[int, ...]]], owners: list[DraftWork]
+               ) -> dict[str, tuple[int, ...]] | None:
+        """All k proposals from one compiled graph, when it applies: compiling is on, every request is greedy,
+        proposes k tokens and brings the same number of new tokens. None: take the pass-by-pass path."""
+        compiled = self.forward.compiled
+        if compiled is None or not all(w.propose and w.params.greedy and self._room(w) >= self.k for w in owners):
+            return None
+        uniform = uniform_inputs([(start, len(tokens), table) for tokens, start, table in chunks])
+        if uniform is None:
+            return None
+        drafts = compiled.greedy_proposals(torch.tensor([t for tokens, _, _ in chunks for t in tokens]), *uniform,
+                                           self.k).tolist()
+        for w in owners:
+            self.state[w.request_id].computed += self.k - 1  # x_1..x_{k-1} went through the draft; x_k did not
+        return {w.request_id: tuple(row) for w, row in zip(owners, drafts, strict=True)}
 
     def _room(self, w: DraftWork) -> int:
         """Proposals must stay inside the context: at most max_model_len - known tokens - 1 of them."""

@@ -30,6 +30,7 @@ _ENGINE_ARG_NAMES = {  # our option name -> vLLM AsyncEngineArgs name
     "enforce_eager": "enforce_eager", "speculative_config": "speculative_config",
     "stream_interval": "stream_interval",
     "engine_process": None,  # vLLM always runs its EngineCore in a process of its own
+    "compile": None, "compile_draft": None,  # vLLM compiles by default (its own knob: enforce_eager)
 }
 
 

@@ -40,7 +40,8 @@ class BatchedQueries:
     valid: torch.Tensor | None  # [B, Q] bool, None when nothing is padded
     block_tables: torch.Tensor  # [B, W] (padding repeats block 0, masked)
     mask: torch.Tensor  # [B, 1, Q, W * block_size]
-    decode: bool = False  # one query per request and no prefills: token i is request i (no gather/scatter)
+    uniform: bool = False  # every request has Q queries, request-major, and no prefills: token i * Q + j is
+    # request i's query j, so queries are a view and outputs a reshape (no gather/scatter)
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,37 @@ def _tables(chunks: Sequence[tuple[int, int, Sequence[int]]]) -> torch.Tensor:
     return torch.tensor([list(c[2]) + [0] * (width - len(c[2])) for c in chunks], dtype=torch.long).view(-1, width)
 
 
+def uniform_inputs(chunks: Sequence[tuple[int, int, Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(positions [B, Q], block tables [B, W]) when every chunk (start_pos, num_new, block_table) has the same
+    small number of new tokens; None otherwise (prefill chunks, mixed batches)."""
+    n = chunks[0][1]
+    if n > SMALL_QUERY or any(c[1] != n for c in chunks):
+        return None
+    tables = _tables(chunks)
+    starts = torch.tensor([c[0] for c in chunks])
+    return starts[:, None] + torch.arange(n)[None, :], tables
+
+
+def uniform_metadata(positions: torch.Tensor, tables: torch.Tensor, block_size: int,
+                     device: torch.device) -> AttentionMetadata:
+    """Q new tokens per request at ``positions`` [B, Q] over block tables [B, W] (W * block_size > positions).
+
+    Decode (Q = 1) and speculative verification (Q = k + 1) in a handful of tensor ops and no Python loop;
+    the draft reuses one table for its k passes, and ``CompiledForward`` traces exactly this function.
+    """
+    keys = torch.arange(tables.shape[1] * block_size, device=positions.device)
+    mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, Q, W * block_size]
+    slot_mapping = tables.gather(1, positions // block_size) * block_size + positions % block_size
+    token_index = torch.arange(positions.numel(), device=positions.device).view(positions.shape)
+    return AttentionMetadata(slot_mapping.flatten().to(device), (),
+                             BatchedQueries(token_index.to(device), None, tables.to(device), mask.to(device),
+                                            uniform=True), block_size)
+
+
 def decode_metadata(positions: torch.Tensor, tables: torch.Tensor, block_size: int,
                     device: torch.device) -> AttentionMetadata:
-    """One new token per request at ``positions`` [B] over block tables [B, W] (W * block_size > positions).
-
-    The common decode step in a handful of tensor ops; the draft reuses one table for its k passes.
-    """
-    keys = torch.arange(tables.shape[1] * block_size)
-    mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, W * block_size]
-    slot_mapping = tables.gather(1, (positions // block_size)[:, None]).flatten() * block_size + positions % block_size
-    token_index = torch.arange(len(positions))[:, None]
-    return AttentionMetadata(slot_mapping.to(device), (),
-                             BatchedQueries(token_index.to(device), None, tables.to(device), mask.to(device),
-                                            decode=True), block_size)
+    """One new token per request at ``positions`` [B]: ``uniform_metadata`` with Q = 1."""
+    return uniform_metadata(positions[:, None], tables, block_size, device)
 
 
 def build_attention_metadata(chunks: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
@@ -80,9 +99,10 @@ def build_attention_metadata(chunks: Sequence[tuple[int, int, Sequence[int]]], b
     Vectorised over requests: one padded block-table tensor, then gathers, so the cost per step does not
     grow with a Python loop over every decoding request.
     """
+    uniform = uniform_inputs(chunks)
+    if uniform is not None:  # decode, or verification of k proposals each: the fast path
+        return uniform_metadata(*uniform, block_size, device)
     tables = _tables(chunks)
-    if all(c[1] == 1 for c in chunks):  # pure decode: the fast path
-        return decode_metadata(torch.tensor([c[0] for c in chunks]), tables, block_size, device)
     r = len(chunks)
     starts = torch.tensor([c[0] for c in chunks])
     lens = torch.tensor([c[1] for c in chunks])
@@ -155,11 +175,13 @@ class PagedAttention(nn.Module):
             k_cache.index_copy_(0, meta.slot_mapping, k)
             v_cache.index_copy_(0, meta.slot_mapping, v)
         b = meta.batched
-        if b is not None and b.decode:  # pure decode: [B, H, D] queries are already in request order
+        if b is not None and b.uniform:  # [B * Q, H, D] queries already in request-major order
+            batch, n = b.token_index.shape
             kb = _gather(k_cache, b.block_tables, meta.block_size).transpose(1, 2)  # [B, Hkv, L, D]
             vb = _gather(v_cache, b.block_tables, meta.block_size).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q.unsqueeze(2), kb, vb, attn_mask=b.mask, enable_gqa=True)
-            return o.squeeze(2)
+            qb = q.view(batch, n, *q.shape[1:]).transpose(1, 2)  # [B, H, Q, D]
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=b.mask, enable_gqa=True)
+            return o.transpose(1, 2).reshape(q.shape)
         out = torch.empty_like(q)
         for p in meta.prefills:
             qs = q[p.start:p.end].transpose(0, 1).unsqueeze(0)

@@ -75,6 +75,10 @@ GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     ("random", 3, {}),
     ("self", 4, {}),
     ("self", 2, {"num_blocks": 20, "max_model_len": 128, "enable_prefix_caching": False}),  # forces preemption
+    # torch.compile'd target steps and draft proposals (one graph for all k); "self": two model instances of
+    # the same shapes, each with its own compiled graphs
+    ("random", 3, {"compile": True, "compile_draft": True}),
+    ("self", 4, {"compile_draft": True}),
 ])
 def test_greedy_output_unchanged_by_speculation(llama_path, llama_llm, draft_path, draft, k, options):
     expected = [o.token_ids for o in llama_llm.generate(PROMPTS, GREEDY)]
@@ -86,6 +90,8 @@ def test_greedy_output_unchanged_by_speculation(llama_path, llama_llm, draft_pat
         assert stats.spec_acceptance_rate == 1.0 and stats.spec_mean_tokens_per_step > 2
     if "num_blocks" in options:
         assert stats.num_preemptions > 0
+    if options.get("compile_draft"):  # the proposals came from the one-graph loop, not pass by pass
+        assert spec.engine.executor.runner.proposer.forward.compiled._proposals is not None
     assert stats.kv_blocks_used == 0
 
 
