@@ -58,7 +58,7 @@ async def replay(base: str, events: list[tuple[float, int]]) -> list[dict[str, A
                 async for line in r.aiter_lines():
                     if ttft is None and line.startswith("data: "):
                         ttft = time.perf_counter() - sent
-                return {"status": r.status_code, "ttft": ttft, "e2e": time.perf_counter() - sent}
+                return {"status": r.status_code, "ttft": ttft, "e2e": time.perf_counter() - sent, "sent": sent}
 
         start = time.perf_counter()
         return await asyncio.gather(*(one(at, n, start) for at, n in events))
@@ -87,6 +87,7 @@ def run_policy(policy: str, events: list[tuple[float, int]], port: int, target: 
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
+    began = time.perf_counter()
     results = asyncio.run(replay(f"http://127.0.0.1:{port}", events))
     time.sleep(5)
     stop.set()
@@ -94,7 +95,12 @@ def run_policy(policy: str, events: list[tuple[float, int]], port: int, target: 
     serve.delete("bench")
     replica_s = sum((b[0] - a[0]) * a[1] for a, b in itertools.pairwise(samples))
     ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None)
+    # when the running-replica count changed, in seconds from the first arrival slot (compare with the trace)
+    timeline = [(round(b[0] - began, 1), b[1]) for a, b in itertools.pairwise(samples) if a[1] != b[1]]
+    late = [(round(r["sent"] - began, 1), round(r["ttft"], 2)) for r in results
+            if r["ttft"] is not None and r["ttft"] > 2.0]
     return {"policy": policy, "requests": len(results), "failed": sum(r["status"] != 200 for r in results),
+            "timeline": timeline, "late": late,
             "ttft_p50": statistics.median(ttfts), "ttft_p99": ttfts[int(0.99 * (len(ttfts) - 1))],
             "ttfts": ttfts, "replica_seconds": replica_s, "max_replicas_seen": max(n for _, n in samples)}
 
@@ -129,6 +135,9 @@ def main() -> None:
         over = sum(t > args.slo_s for t in r["ttfts"])
         print(f"| {r['policy']} | {r['requests']} | {r['failed']} | {over} | {r['ttft_p50']:.2f} | "
               f"{r['ttft_p99']:.2f} | {r['replica_seconds']:.0f} | {r['max_replicas_seen']} |")
+    for r in rows:
+        print(f"{r['policy']}: running replicas (s -> n) {r['timeline']}")
+        print(f"  requests over {args.slo_s} s TTFT (sent at s, TTFT): {r['late'][:60]}")
     (REPO / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
     (REPO / "benchmarks" / "out" / "autoscaling.json").write_text(json.dumps(rows, indent=1))
 

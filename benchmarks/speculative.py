@@ -1,6 +1,7 @@
 """Speculative decoding speedup on the shipped draft/target pair, against the expected tokens per target pass.
 
     .venv/bin/python benchmarks/speculative.py                   # native colocated, vLLM, native separate
+    .venv/bin/python benchmarks/speculative.py --engines native,native-cdraft,native-compiled  # compile modes
     .venv/bin/python benchmarks/speculative.py --engines native --quick
 
 Speedup = output tokens/s with speculation / without, for batch 1 and 8 and k in {2, 4, 6}, greedy,
@@ -46,15 +47,18 @@ def _prompts(batch: int) -> list[str]:
     return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
 
 
-def run_native(k: int, batch: int, new_tokens: int, reps: int) -> dict[str, Any]:
+def run_native(k: int, batch: int, new_tokens: int, reps: int, compile_target: bool = False,
+               compile_draft: bool = False) -> dict[str, Any]:
     from parallel import LLM, SamplingParams
 
-    options: dict[str, Any] = {"dtype": "float32", "max_num_seqs": max(batch, 1)}
+    options: dict[str, Any] = {"dtype": "float32", "max_num_seqs": max(batch, 1), "compile": compile_target}
     if k:
-        options.update(draft_path=str(DRAFT), num_speculative_tokens=k)
+        options.update(draft_path=str(DRAFT), num_speculative_tokens=k, compile_draft=compile_draft)
     llm = LLM(str(TARGET), **options)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    llm.generate(_prompts(batch), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for _ in range(2 if compile_target or compile_draft else 1):  # warm-up repetitions: every graph compiled
+        for group in _groups(batch):
+            llm.generate(group, params)
     walls = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -130,7 +134,15 @@ def run_separate(k: int, batch: int, new_tokens: int, reps: int) -> dict[str, An
             "draft_call_ms": stats.get("draft_call_ms", 0.0)}
 
 
-WORKERS = {"native": run_native, "vllm": run_vllm, "separate": run_separate}
+WORKERS = {
+    "native": run_native,  # eager target, eager draft
+    # eager target, draft's k-step proposal loop compiled (baseline: the same eager target)
+    "native-cdraft": lambda *a: run_native(*a, compile_draft=True),
+    # compiled target steps and compiled draft (baseline: the compiled target alone)
+    "native-compiled": lambda *a: run_native(*a, compile_target=True, compile_draft=True),
+    "vllm": run_vllm,
+    "separate": run_separate,
+}
 
 
 def main() -> None:

@@ -54,6 +54,21 @@ def verify(p: torch.Tensor, q: torch.Tensor | None, drafts: Sequence[int], param
     return [*drafts, int(sampler.sample_from(p[k][None], [generator])[0])], k
 
 
+def _widen(chunks: list[tuple[list[int], int, tuple[int, ...]]], owners: list[DraftWork]
+           ) -> list[tuple[list[int], int, tuple[int, ...]]]:
+    """Chunks padded at the front to one common length, re-feeding tokens the draft has already seen (their
+    KV is rewritten with the values it holds), so that a batch after verification — 1 new token where a
+    draft was rejected, 2 where all were accepted — is uniform. Unchanged where a chunk cannot reach back."""
+    n = max(len(tokens) for tokens, _, _ in chunks)
+    out = []
+    for (tokens, begin, table), w in zip(chunks, owners, strict=True):
+        extra = n - len(tokens)
+        if extra and begin - extra < w.start:
+            return chunks
+        out.append((list(w.known[begin - extra - w.start:begin - w.start]) + tokens, begin - extra, table))
+    return out
+
+
 @dataclass
 class DraftState:
     computed: int  # positions [0, computed) of the draft KV are filled (proposals included until verified)
@@ -152,7 +167,7 @@ class DraftProposer:
         qs: dict[str, list[torch.Tensor | None]] = {}
         if not chunks:
             return {}
-        fused = self._fused(chunks, owners)
+        fused = self._fused(_widen(chunks, owners), owners)
         if fused is not None:
             return fused
         logits = self._forward(chunks)
