@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/autoscaling.py            # ~6 minutes per policy
     .venv/bin/python benchmarks/autoscaling.py --quick
+    .venv/bin/python benchmarks/autoscaling.py --ours-targets 4 --repeats 3   # alternating, with medians
 
 Ours: cluster.autoscaling:decide on queue depth / KV usage (GPU utilisation where NVML exists). Serve's
 default: target_ongoing_requests. Same bounds (1..3 replicas) and delays. Reported: requests whose TTFT
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--slo-s", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1, help="replay the trace this many times per policy")
     ap.add_argument("--ours-targets", default="4,2",
                     help="target_queue_depth values for our policy (2 = Serve's default target_ongoing_requests)")
     args = ap.parse_args()
@@ -123,18 +125,28 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     events = trace(args.seed, args.quick)
     targets = [float(t) for t in args.ours_targets.split(",")]
-    rows = [run_policy(f"ours (queue depth {t:g}/replica)", events, port, t) for t in targets]
-    rows.append(run_policy("serve-default (target_ongoing_requests 2)", events, port))
+    rows = []
+    for rep in range(args.repeats):  # policies alternate, so drift in the host's speed hits them alike
+        for t in targets:
+            rows.append({**run_policy(f"ours (queue depth {t:g}/replica)", events, port, t), "run": rep + 1})
+        rows.append({**run_policy("serve-default (target_ongoing_requests 2)", events, port), "run": rep + 1})
     serve.shutdown()
     ray.shutdown()
     print(f"trace: {len(events)} requests over {events[-1][0]:.0f} s (seed {args.seed}); TTFT SLO {args.slo_s} s; "
           f"{os.cpu_count()} cores")
-    print("| policy | requests | failed | over SLO | TTFT p50 s | TTFT p99 s | replica-seconds | max replicas |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | policy | requests | failed | over SLO | TTFT p50 s | TTFT p99 s | replica-seconds | max replicas |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        over = sum(t > args.slo_s for t in r["ttfts"])
-        print(f"| {r['policy']} | {r['requests']} | {r['failed']} | {over} | {r['ttft_p50']:.2f} | "
-              f"{r['ttft_p99']:.2f} | {r['replica_seconds']:.0f} | {r['max_replicas_seen']} |")
+        r["over_slo"] = sum(t > args.slo_s for t in r["ttfts"])
+        print(f"| {r['run']} | {r['policy']} | {r['requests']} | {r['failed']} | {r['over_slo']} | "
+              f"{r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | {r['replica_seconds']:.0f} | {r['max_replicas_seen']} |")
+    if args.repeats > 1:
+        print("\n| policy | median over SLO | median replica-seconds | runs |")
+        print("|---|---|---|---|")
+        for policy in dict.fromkeys(r["policy"] for r in rows):
+            mine = [r for r in rows if r["policy"] == policy]
+            print(f"| {policy} | {statistics.median(r['over_slo'] for r in mine):g} | "
+                  f"{statistics.median(r['replica_seconds'] for r in mine):.0f} | {len(mine)} |")
     for r in rows:
         print(f"{r['policy']}: running replicas (s -> n) {r['timeline']}")
         print(f"  requests over {args.slo_s} s TTFT (sent at s, TTFT): {r['late'][:60]}")

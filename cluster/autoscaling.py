@@ -126,12 +126,15 @@ def serve_autoscaling_config(model: str, *, min_replicas: int = 1, max_replicas:
                              target_queue_depth: float = 4.0, target_gpu_utilization: float | None = None,
                              kv_usage_high_water: float = 0.9, upscale_delay_s: float = 10.0,
                              downscale_delay_s: float = 60.0, initial_replicas: int | None = None,
-                             metrics_interval_s: float = 2.0, look_back_period_s: float = 10.0) -> dict[str, Any]:
+                             metrics_interval_s: float = 1.0, look_back_period_s: float = 4.0) -> dict[str, Any]:
     """The ``autoscaling_config`` dict for a deployment run by :func:`decide` (knobs validated here).
 
     ``initial_replicas`` defaults to ``max(1, min_replicas)``: a scale-to-zero model starts warm and
     goes to zero after ``downscale_delay_s`` idle. ``metrics_interval_s`` is how often replicas push
     (and record, with ``look_back_period_s / 5``) their stats; Serve averages over ``look_back_period_s``.
+    The window is short (4 s, against Serve's default 30 s) because a burst must show up within seconds: a
+    10 s window put our first upscale 7-15 s after a burst began (benchmarks/autoscaling.py, decision log);
+    the up/down delays, not the window, are what keep noise from flapping the count.
     Serve's own delays are 0: the policy's knobs are the delays. ``target_ongoing_requests`` only
     feeds Serve's gauge. Keyword names match ``cluster.config.AutoscalingSpec``, so
     ``serve_autoscaling_config(name, **spec.model_dump())`` works.

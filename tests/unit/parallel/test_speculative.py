@@ -95,9 +95,10 @@ def test_greedy_output_unchanged_by_speculation(llama_path, llama_llm, draft_pat
     assert stats.kv_blocks_used == 0
 
 
-def test_speculation_with_prefix_cache_and_seeds(llama_path, draft_path):
+@pytest.mark.parametrize("compile_draft", [False, True])  # sampled drafts: compiled passes, not the greedy graph
+def test_speculation_with_prefix_cache_and_seeds(llama_path, draft_path, compile_draft):
     spec = LLM(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
-               draft_path=str(draft_path), num_speculative_tokens=3)
+               draft_path=str(draft_path), num_speculative_tokens=3, compile_draft=compile_draft)
     shared = [1, *range(100, 140)]
     prompts = [[*shared, 7], [*shared, 8, 9]]
     first = spec.generate(prompts[:1], GREEDY)[0].token_ids
