@@ -36,6 +36,11 @@ Combination rule, with ``n`` = running replicas:
   state (keys ``modelfleet_up_since`` / ``modelfleet_down_since``), so the function is pure given
   ``(ctx, state)``. Like Serve, a scale to zero passes through 1 (``3 -> 1`` then ``1 -> 0`` on the
   next tick, on the same timer).
+* downscale steps: at most ``downscale_max_step`` replicas (default 1; 0 = no limit) go per decision, and
+  each further step waits a whole ``downscale_delay_s`` again. A replica takes ~10 s to come back (actor,
+  engine process, weights) and bursts come in trains: jumping 3 -> 1 after the first burst made the next
+  burst pay two cold starts (benchmarks/autoscaling.py decision logs); Kubernetes' HPA rate-limits
+  scale-down the same way (``behavior.scaleDown.policies``).
 
 Every change is logged on the ``ray.serve`` logger with its driver, e.g.
 ``tiny-code-llama: 1 -> 2 (queue depth 9.5/replica > target 4)``.
@@ -92,6 +97,7 @@ class PolicyKnobs:
     max_replicas: int = 1
     upscale_delay_s: float = 10.0
     downscale_delay_s: float = 60.0
+    downscale_max_step: int = 1  # replicas removed per downscale decision (0: no limit); each step waits the delay
 
     def __post_init__(self) -> None:
         problems = []
@@ -106,6 +112,8 @@ class PolicyKnobs:
                             f"got {self.min_replicas}..{self.max_replicas}")
         if self.upscale_delay_s < 0 or self.downscale_delay_s < 0:
             problems.append("upscale_delay_s and downscale_delay_s must be >= 0")
+        if self.downscale_max_step < 0:
+            problems.append(f"downscale_max_step must be >= 0, got {self.downscale_max_step}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -125,16 +133,16 @@ class PolicyKnobs:
 def serve_autoscaling_config(model: str, *, min_replicas: int = 1, max_replicas: int = 1,
                              target_queue_depth: float = 4.0, target_gpu_utilization: float | None = None,
                              kv_usage_high_water: float = 0.9, upscale_delay_s: float = 10.0,
-                             downscale_delay_s: float = 60.0, initial_replicas: int | None = None,
-                             metrics_interval_s: float = 1.0, look_back_period_s: float = 4.0) -> dict[str, Any]:
+                             downscale_delay_s: float = 60.0, downscale_max_step: int = 1,
+                             initial_replicas: int | None = None,
+                             metrics_interval_s: float = 2.0, look_back_period_s: float = 10.0) -> dict[str, Any]:
     """The ``autoscaling_config`` dict for a deployment run by :func:`decide` (knobs validated here).
 
     ``initial_replicas`` defaults to ``max(1, min_replicas)``: a scale-to-zero model starts warm and
     goes to zero after ``downscale_delay_s`` idle. ``metrics_interval_s`` is how often replicas push
     (and record, with ``look_back_period_s / 5``) their stats; Serve averages over ``look_back_period_s``.
-    The window is short (4 s, against Serve's default 30 s) because a burst must show up within seconds: a
-    10 s window put our first upscale 7-15 s after a burst began (benchmarks/autoscaling.py, decision log);
-    the up/down delays, not the window, are what keep noise from flapping the count.
+    (A 4 s window was measured too: no earlier first upscale and no fewer SLO misses on the benchmark trace;
+    what the window changes there is drowned by replica start-up, see benchmarks/RESULTS.md.)
     Serve's own delays are 0: the policy's knobs are the delays. ``target_ongoing_requests`` only
     feeds Serve's gauge. Keyword names match ``cluster.config.AutoscalingSpec``, so
     ``serve_autoscaling_config(name, **spec.model_dump())`` works.
@@ -142,7 +150,7 @@ def serve_autoscaling_config(model: str, *, min_replicas: int = 1, max_replicas:
     knobs = PolicyKnobs(model=model, target_queue_depth=target_queue_depth,
                         target_gpu_utilization=target_gpu_utilization, kv_usage_high_water=kv_usage_high_water,
                         min_replicas=min_replicas, max_replicas=max_replicas, upscale_delay_s=upscale_delay_s,
-                        downscale_delay_s=downscale_delay_s)
+                        downscale_delay_s=downscale_delay_s, downscale_max_step=downscale_max_step)
     if initial_replicas is None:
         initial_replicas = min(max(1, min_replicas), max_replicas)
     if not min_replicas <= initial_replicas <= max_replicas:
@@ -290,7 +298,11 @@ def decide(ctx: Any, knobs: PolicyKnobs | None = None) -> tuple[int, dict[str, A
         since = now if since is None else float(since)
         state[UP_SINCE] = None
         if now - since + 1e-6 >= knobs.downscale_delay_s:
-            if desired == 0 and baseline > 1:  # Serve only goes to zero from one: 1 now, 0 next tick
+            step = knobs.downscale_max_step
+            if step and baseline - desired > step:  # one step now; the next waits a whole delay again
+                decision, state[DOWN_SINCE] = baseline - step, now
+                reason = f"{reason}; stepping down by {step}"
+            elif desired == 0 and baseline > 1:  # Serve only goes to zero from one: 1 now, 0 next tick
                 decision, state[DOWN_SINCE] = 1, since
             else:
                 decision, state[DOWN_SINCE] = desired, None

@@ -73,6 +73,7 @@ class AutoscalingSpec(_Strict):
     kv_usage_high_water: float = Field(0.9, gt=0, le=1)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
+    downscale_max_step: int = Field(1, ge=0, description="replicas removed per downscale decision; 0: no limit")
 
 
 class Resources(_Strict):

@@ -164,9 +164,23 @@ def test_no_upscale_before_upscale_delay(serve_log):
 
 
 def test_no_downscale_before_downscale_delay(serve_log):
-    decisions = simulate(KNOBS, 3, lambda n, t: spread(n, 0, kv=0.0), ticks=18)  # idle; delay 30 s, tick 2 s
-    assert decisions == [3] * 15 + [1, 1, 1]  # t=30: straight to min_replicas
+    decisions = simulate(KNOBS, 3, lambda n, t: spread(n, 0, kv=0.0), ticks=33)  # idle; delay 30 s, tick 2 s
+    assert decisions == [3] * 15 + [2] * 15 + [1] * 3  # one replica per downscale delay: t=30, then t=60
+    assert serve_log == [
+        "tiny-code-llama: 3 -> 2 (queue depth 0/replica < target 4; raised to min_replicas 1; stepping down by 1)",
+        "tiny-code-llama: 2 -> 1 (queue depth 0/replica < target 4; raised to min_replicas 1)"]
+
+
+def test_unlimited_downscale_step_goes_straight_to_the_floor(serve_log):
+    knobs = PolicyKnobs(**{**KNOBS.to_kwargs(), "downscale_max_step": 0})
+    decisions = simulate(knobs, 3, lambda n, t: spread(n, 0, kv=0.0), ticks=18)
+    assert decisions == [3] * 15 + [1, 1, 1]
     assert serve_log == ["tiny-code-llama: 3 -> 1 (queue depth 0/replica < target 4; raised to min_replicas 1)"]
+
+
+def test_load_returning_between_steps_stops_the_downscale():
+    busy = lambda n, t: spread(n, 0 if t < 1040 else 8, kv=0.0)  # noqa: E731  idle, then 8 requests from t=40
+    assert simulate(KNOBS, 3, busy, ticks=40)[-1] == 2  # stepped 3 -> 2 at t=30; at 4/replica 2 is the target
 
 
 def test_upscale_timer_is_kept_in_state():
@@ -201,17 +215,21 @@ def test_capacity_adjusted_bounds_apply_too():
 
 
 def test_min_replicas_holds_the_floor():
-    knobs = PolicyKnobs(**{**NOW.to_kwargs(), "min_replicas": 2})
+    knobs = PolicyKnobs(**{**NOW.to_kwargs(), "min_replicas": 2, "downscale_max_step": 0})
     assert decide(make_ctx(4, **spread(4, 0, kv=0.0)), knobs)[0] == 2
     assert decide(make_ctx(2, **spread(2, 0, kv=0.0)), knobs)[0] == 2
 
 
 def test_min_zero_scales_to_zero_through_one(serve_log):
-    knobs = PolicyKnobs(**{**KNOBS.to_kwargs(), "min_replicas": 0})
+    knobs = PolicyKnobs(**{**KNOBS.to_kwargs(), "min_replicas": 0, "downscale_max_step": 0})
     decisions = simulate(knobs, 3, lambda n, t: spread(n, 0, kv=0.0), ticks=18)
     assert decisions == [3] * 15 + [1, 0, 0]  # Serve goes to zero only from one: the next tick, same timer
     assert serve_log == ["tiny-code-llama: 3 -> 1 (queue depth 0/replica < target 4)",
                          "tiny-code-llama: 1 -> 0 (queue depth 0/replica < target 4)"]
+    serve_log.clear()
+    stepped = simulate(PolicyKnobs(**{**knobs.to_kwargs(), "downscale_max_step": 1}), 3,
+                       lambda n, t: spread(n, 0, kv=0.0), ticks=48)
+    assert stepped == [3] * 15 + [2] * 15 + [1] * 15 + [0] * 3  # one step per delay, zero last
 
 
 def test_busy_replica_is_not_scaled_to_zero():
@@ -238,11 +256,11 @@ def test_serve_autoscaling_config_shape():
                                    target_gpu_utilization=0.75, upscale_delay_s=5, downscale_delay_s=120)
     assert cfg == {
         "min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 8,
-        "metrics_interval_s": 1.0, "look_back_period_s": 4.0, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
+        "metrics_interval_s": 2.0, "look_back_period_s": 10.0, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
         "policy": {"policy_function": "cluster.autoscaling:decide", "policy_kwargs": {
             "model": "tiny-code-llama", "target_queue_depth": 8, "target_gpu_utilization": 0.75,
             "kv_usage_high_water": 0.9, "min_replicas": 0, "max_replicas": 4, "upscale_delay_s": 5,
-            "downscale_delay_s": 120}},
+            "downscale_delay_s": 120, "downscale_max_step": 1}},
     }
     AutoscalingConfig(**cfg)  # Serve accepts it (and imports the policy)
 
