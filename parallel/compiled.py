@@ -14,7 +14,6 @@ in place inside the graph, exactly as the eager path writes it.
 
 from __future__ import annotations
 
-import itertools
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,12 +29,9 @@ def _own_code(method: Callable[..., Any], owner: object) -> Callable[..., Any]:
     guards and its recompile limit (8) per code object: without a copy the target's and the draft's graphs
     would share one cache, fail each other's guards on every call and soon fall back to eager."""
     fn = method.__func__  # type: ignore[attr-defined]
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_instances)}")
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(owner):x}")  # a new code object; the name for logs
     return types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
                                                fn.__closure__), owner)
-
-
-_instances = itertools.count()
 
 
 class CompiledForward:
