@@ -46,6 +46,7 @@ class CompiledForward:
 
     def __init__(self, model: LlamaForCausalLM, block_size: int) -> None:
         self.model, self.block_size = model, block_size
+        self.device = next(model.parameters()).device
         self._compiled = torch.compile(_own_code(self._forward, self), dynamic=True)
         self._proposals = None  # compiled on first use: only a draft model needs it
 
@@ -55,8 +56,8 @@ class CompiledForward:
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """[B*Q] ids at positions [B, Q] (request-major) over block tables [B, W] -> [B*Q, hidden]."""
-        device = next(self.model.parameters()).device
-        return self._compiled(input_ids.to(device), positions.to(device), _two_columns(tables).to(device))
+        return self._compiled(input_ids.to(self.device), positions.to(self.device),
+                              _two_columns(tables).to(self.device))
 
     def _greedy_proposals(self, input_ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
                           k: int) -> torch.Tensor:
@@ -78,8 +79,8 @@ class CompiledForward:
         tables must already hold the k - 1 lookahead slots (the scheduler reserves them)."""
         if self._proposals is None:
             self._proposals = torch.compile(_own_code(self._greedy_proposals, self), dynamic=True)
-        device = next(self.model.parameters()).device
-        return self._proposals(input_ids.to(device), positions.to(device), _two_columns(tables).to(device), k)
+        return self._proposals(input_ids.to(self.device), positions.to(self.device),
+                               _two_columns(tables).to(self.device), k)
 
 
 def _two_columns(tables: torch.Tensor) -> torch.Tensor:

@@ -111,7 +111,7 @@ class DraftProposer:
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, k: int, max_model_len: int,
                  compile: bool = False) -> None:
-        self.model, self.block_size, self.k, self.max_model_len = model, block_size, k, max_model_len
+        self.model, self.k, self.max_model_len = model, k, max_model_len
         # the k proposal passes are tiny and sequential: per-op dispatch dominates them, compiling removes it
         self.forward = ModelForward(model, block_size, compile)
         param = next(model.parameters())
@@ -167,7 +167,7 @@ class DraftProposer:
         qs: dict[str, list[torch.Tensor | None]] = {}
         if not chunks:
             return {}
-        fused = self._fused(_widen(chunks, owners), owners)
+        fused = self._fused(chunks, owners)
         if fused is not None:
             return fused
         logits = self._forward(chunks)
@@ -212,6 +212,7 @@ class DraftProposer:
         compiled = self.forward.compiled
         if compiled is None or not all(w.propose and w.params.greedy and self._room(w) >= self.k for w in owners):
             return None
+        chunks = _widen(chunks, owners)
         uniform = uniform_inputs([(start, len(tokens), table) for tokens, start, table in chunks])
         if uniform is None:
             return None

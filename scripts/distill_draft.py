@@ -23,7 +23,6 @@ Rerun (from the repository root, ~10 minutes on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -38,7 +37,15 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.train_models import DRAFT_DIR, TARGET_DIR, load_corpus, log
+from scripts.train_models import (
+    DRAFT_DIR,
+    TARGET_DIR,
+    adamw,
+    load_corpus,
+    log,
+    token_stream,
+    write_legacy_config_keys,
+)
 
 README_MARK = "<!-- distill_draft -->"
 
@@ -129,7 +136,7 @@ def main() -> None:
     val_prompts = windows(val_texts, tok, 64, random.Random(args.seed + 1))
     val_data = continuations(args.models / TARGET_DIR, val_prompts, args.new_tokens, 0.0)
     val_starts = [len(p) for p in val_prompts]
-    corpus = torch.tensor([t for text in train_texts for t in [*tok.encode(text).ids, 2]], dtype=torch.long)
+    corpus = token_stream(tok, train_texts)
     log(f"{len(data)} on-policy sequences ({sum(map(len, data)):,} tokens); corpus {len(corpus):,} tokens")
 
     teacher = AutoModelForCausalLM.from_pretrained(args.models / TARGET_DIR, dtype=torch.float32).eval()
@@ -138,10 +145,7 @@ def main() -> None:
     before = (agreement(teacher, draft.eval(), val_seqs), agreement(teacher, draft, val_data, val_starts))
     log(f"before: held-out agreement {before[0]:.4f}, on target continuations {before[1]:.4f}")
 
-    decay = [q for q in draft.parameters() if q.dim() >= 2]
-    no_decay = [q for q in draft.parameters() if q.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = adamw(draft, args.lr)
     draft.train()
     start, step, ema = time.time(), 0, None
     while (progress := (time.time() - start) / (args.minutes * 60)) < 1.0:
@@ -164,10 +168,7 @@ def main() -> None:
             log(f"step {step} loss {ema:.3f} {(time.time() - start) / 60:.1f} min")
     draft.eval()
     draft.to(torch.bfloat16).save_pretrained(args.models / DRAFT_DIR, safe_serialization=True)
-    cfg_path = args.models / DRAFT_DIR / "config.json"  # legacy keys, as stage one writes them
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update(torch_dtype="bfloat16", rope_theta=cfg["rope_parameters"]["rope_theta"])
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_legacy_config_keys(args.models / DRAFT_DIR)
     draft = AutoModelForCausalLM.from_pretrained(args.models / DRAFT_DIR, dtype=torch.float32).eval()
     after = (agreement(teacher, draft, val_seqs), agreement(teacher, draft, val_data, val_starts))
     log(f"after {step} steps: held-out agreement {after[0]:.4f}, on target continuations {after[1]:.4f}")

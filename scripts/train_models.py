@@ -149,16 +149,29 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9/0.95), weight decay 0.1 on matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
+
+
+def write_legacy_config_keys(folder: Path) -> None:
+    """Add ``torch_dtype`` and top-level ``rope_theta`` for readers predating transformers v5."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(torch_dtype="bfloat16", rope_theta=cfg["rope_parameters"]["rope_theta"])
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def train_loop(
     model: LlamaForCausalLM, stream: torch.Tensor, args: argparse.Namespace, name: str, loss_fn: LossFn
 ) -> int:
     """AdamW + warmup/cosine; progress = step/steps if ``--{name}-steps`` else elapsed/budget."""
     lr, minutes, steps = (getattr(args, f"{name}_{k}") for k in ("lr", "minutes", "steps"))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
-    )
+    opt = adamw(model, lr)
     gen = torch.Generator().manual_seed(args.seed)
     budget, start, step, last_log, ema = minutes * 60, time.time(), 0, 0.0, None
     model.train()
@@ -200,10 +213,7 @@ def save_model(model: LlamaForCausalLM, folder: Path, tok: Tokenizer, max_len: i
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2)
     model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
     model.to(torch.float32)
-    cfg_path = folder / "config.json"  # legacy keys for readers predating transformers v5
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update(torch_dtype="bfloat16", rope_theta=cfg["rope_parameters"]["rope_theta"])
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    write_legacy_config_keys(folder)
     save_tokenizer(tok, folder, max_len)
 
 

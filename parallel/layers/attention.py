@@ -86,12 +86,6 @@ def uniform_metadata(positions: torch.Tensor, tables: torch.Tensor, block_size: 
                                             uniform=True), block_size)
 
 
-def decode_metadata(positions: torch.Tensor, tables: torch.Tensor, block_size: int,
-                    device: torch.device) -> AttentionMetadata:
-    """One new token per request at ``positions`` [B]: ``uniform_metadata`` with Q = 1."""
-    return uniform_metadata(positions[:, None], tables, block_size, device)
-
-
 def build_attention_metadata(chunks: Sequence[tuple[int, int, Sequence[int]]], block_size: int,
                              device: torch.device) -> AttentionMetadata:
     """chunks: per request (start_pos, num_new_tokens, block_table), in flat-token order.
