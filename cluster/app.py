@@ -21,8 +21,11 @@ from cluster.autoscaling import serve_autoscaling_config
 from cluster.config import ClusterConfig, ModelSpec
 from deployments.draft import DraftServer
 from deployments.embedding import EmbeddingServer
+from deployments.ingress.app import Router, RouterSettings
+from deployments.ingress.generate import CallPolicy
+from deployments.ingress.resolve import ModelRoute, Target
+from deployments.ingress.stages import Limits
 from deployments.llm import LLMServer
-from deployments.router import Router
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUTER_NAME = "modelfleet-router"
@@ -98,11 +101,21 @@ def _engine_options(m: ModelSpec, models: dict[str, ModelSpec] | None = None) ->
     return options
 
 
+def router_settings(cfg: ClusterConfig) -> RouterSettings:
+    r = cfg.router
+    return RouterSettings(
+        limits=Limits(max_body_bytes=r.max_body_bytes, max_json_depth=r.max_json_depth,
+                      request_timeout_s=r.request_timeout_s),
+        call=CallPolicy(retry_after_s=r.retry_after_s, cold_start_timeout_s=r.cold_start_timeout_s),
+        health_timeout_s=r.health_timeout_s)
+
+
 def build(args: dict[str, Any]) -> Application:
     """Validate the args and compose the application graph (router -> model deployments)."""
     cfg = parse_config(args)
     by_name = {m.name: m for m in cfg.models}
-    llms, embedders = {}, {}
+    handles: dict[str, Any] = {}
+    routes: list[ModelRoute] = []
     for m in cfg.models:
         source = resolve_source(m.source)
         if m.kind == "llm":
@@ -112,14 +125,15 @@ def build(args: dict[str, Any]) -> Application:
                 draft = DraftServer.options(name=f"{m.name}-draft-server",
                                             ray_actor_options={"num_cpus": m.resources.num_cpus}).bind(
                     options.pop("draft_path"), options["num_speculative_tokens"],
-                    options.get("max_model_len", 1024), options.get("kv_cache_memory_bytes", 256 << 20),
+                    options.get("max_model_len") or 1024, options.get("kv_cache_memory_bytes", 256 << 20),
                     compile=options.pop("compile_draft"))
-            llms[m.name] = LLMServer.options(**_deployment_options(m)).bind(m.name, source, m.engine, options, draft)
+            handles[m.name] = LLMServer.options(**_deployment_options(m)).bind(
+                m.name, source, m.engine, options, draft, admission=m.admission.limits(),
+                retry_after_s=cfg.router.retry_after_s)
         else:
-            embedders[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
+            handles[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
+        on_demand = m.autoscaling is not None and m.autoscaling.min_replicas == 0
+        routes.append(ModelRoute(m.name, m.kind, (Target(m.name),), on_demand=on_demand))
     r = cfg.router
     return Router.options(name=ROUTER_NAME, num_replicas=r.num_replicas, max_ongoing_requests=1024,
-                          ray_actor_options={"num_cpus": r.num_cpus}).bind(
-        llms, embedders, retry_after_s=r.retry_after_s, health_timeout_s=r.health_timeout_s,
-        cold_start_timeout_s=r.cold_start_timeout_s,
-        on_demand=[m.name for m in cfg.models if m.autoscaling is not None and m.autoscaling.min_replicas == 0])
+                          ray_actor_options={"num_cpus": r.num_cpus}).bind(handles, routes, router_settings(cfg))

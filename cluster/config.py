@@ -15,6 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.admission import AdmissionLimits
+from deployments.ingress.stages import Limits
+from parallel.config import CacheConfig, ModelConfig, SchedulerConfig
+
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -23,17 +27,24 @@ class _Strict(BaseModel):
 
 
 class EngineOptions(_Strict):
-    """Engine settings shared by the native and vLLM engines (vLLM names)."""
+    """Engine settings shared by the native and vLLM engines: one vocabulary (vLLM's names), passed to both
+    engines as is; defaults are the native engine's (parallel/config.py), stated there once and given
+    explicitly to vLLM too, so both engines run the same settings."""
 
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_num_seqs: int = Field(32, ge=1, le=4096)
-    max_num_batched_tokens: int | None = Field(None, ge=16)
-    max_model_len: int | None = Field(None, ge=16)
-    block_size: int | None = Field(None, ge=1)
-    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV cache budget per replica")
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    stream_interval: int = Field(1, ge=1, le=64, description="tokens per streamed chunk (vLLM's --stream-interval)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = ModelConfig.dtype
+    max_num_seqs: int = Field(SchedulerConfig.max_num_seqs, ge=1, le=4096)
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="per step; default: the engine's "
+                                               f"(native {SchedulerConfig.max_num_batched_tokens}, vLLM its "
+                                               "platform's)")
+    max_model_len: int | None = Field(None, ge=16, description="default: the model's max_position_embeddings")
+    block_size: int | None = Field(None, ge=1, description=f"KV block tokens; default: the engine's (native "
+                                   f"{CacheConfig.block_size}, vLLM its attention backend's)")
+    kv_cache_memory_bytes: int | None = Field(None, gt=0, description="KV cache budget per replica; default "
+                                              "1 GiB on CPU, gpu_memory_utilization on CUDA")
+    enable_prefix_caching: bool = CacheConfig.enable_prefix_caching
+    seed: int = Field(ModelConfig.seed, ge=0, le=2**32 - 1)
+    stream_interval: int = Field(SchedulerConfig.stream_interval, ge=1, le=64,
+                                 description="tokens per streamed chunk (vLLM's --stream-interval)")
     engine_process: bool = Field(True, description="native engine: step loop in a process of its own (own GIL), "
                                  "as vLLM's EngineCore; off: a thread of the replica")
     compile: bool = Field(False, description="native engine: torch.compile the decode and verification steps "
@@ -76,6 +87,17 @@ class AutoscalingSpec(_Strict):
     downscale_max_step: int = Field(1, ge=0, description="replicas removed per downscale decision; 0: no limit")
 
 
+class AdmissionSpec(_Strict):
+    """Per replica: refuse at once (503 + Retry-After) when this many requests already wait, or when the
+    expected wait of a new one exceeds ``max_queue_wait_s`` (deployments/admission.py)."""
+
+    max_waiting: int = Field(AdmissionLimits.max_waiting, ge=0)
+    max_queue_wait_s: float = Field(AdmissionLimits.max_queue_wait_s, gt=0)
+
+    def limits(self) -> AdmissionLimits:
+        return AdmissionLimits(self.max_waiting, self.max_queue_wait_s)
+
+
 class Resources(_Strict):
     """Per replica. Fractions are fine: a 2-core machine holds a model at 1 CPU and embeddings at 0.5."""
 
@@ -98,7 +120,9 @@ class ModelSpec(_Strict):
     num_replicas: int = Field(1, ge=1)
     autoscaling: AutoscalingSpec | None = None
     resources: Resources = Field(default_factory=Resources)
-    max_ongoing_requests: int = Field(64, ge=1, description="per replica, before Serve queues at the caller")
+    admission: AdmissionSpec = Field(default_factory=AdmissionSpec)
+    max_ongoing_requests: int = Field(256, ge=1, description="per replica, before Serve queues at the caller; "
+                                      "high, so requests reach the replica's admission at once")
     max_queued_requests: int = Field(256, ge=-1, description="beyond this Serve rejects with 503 (-1: no limit)")
     health_check_period_s: float = Field(10.0, gt=0, description="how often Serve checks the replica (and its ranks)")
 
@@ -122,7 +146,10 @@ class ModelSpec(_Strict):
 class RouterSpec(_Strict):
     num_cpus: float = Field(0.25, ge=0)
     num_replicas: int = Field(1, ge=1)
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(Limits.request_timeout_s, gt=0, description="per-request deadline: past "
+                                     "it the generation is aborted and the client gets 504 (or an error event)")
+    max_body_bytes: int = Field(Limits.max_body_bytes, ge=1024, le=1 << 30, description="larger bodies: 413")
+    max_json_depth: int = Field(Limits.max_json_depth, ge=4, le=1000, description="deeper JSON: 400")
     health_timeout_s: float = Field(5.0, gt=0)
     cold_start_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for a first token "
                                         "(e.g. while a model scales up from zero) before a 503")

@@ -1,7 +1,10 @@
 """EmbeddingServer: sentence embeddings with Serve's dynamic batching (``@serve.batch``).
 
 Concurrent requests' texts are gathered into one encoder batch (up to ``max_batch_size`` texts or
-``batch_wait_timeout_s``), which is what makes a small encoder cheap under load.
+``batch_wait_timeout_s``), which is what makes a small encoder cheap under load. A request's texts enter
+the batch queue ``max_batch_size`` at a time, each slice after the previous one is done, so a request of
+2,048 inputs and a one-string request behind it interleave: the small one waits for one batch, not for
+all 64. At most ``MAX_INPUTS`` texts per request (OpenAI's limit), each truncated to the encoder's length.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from typing import Any
 
 from ray import serve
 
+from deployments.messages import ErrorInfo
 from parallel.embedding_model import EmbeddingModel
 
 logger = logging.getLogger("ray.serve")
+BATCH = 32
+MAX_INPUTS = 2048
 
 
 @serve.deployment
@@ -35,13 +41,21 @@ class EmbeddingServer:
     async def info(self) -> dict[str, Any]:
         return {"name": self.model_name, "dimensions": self.model.dimensions}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=BATCH, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[tuple[list[float], int]]:
         vectors, counts = await asyncio.to_thread(self.model.embed, texts)
         return list(zip(vectors, counts, strict=True))
 
-    async def embed(self, texts: list[str]) -> dict[str, Any]:
+    async def embed(self, texts: list[str]) -> dict[str, Any] | ErrorInfo:
         """``{"data": [{"embedding", "index"}], "prompt_tokens": n}`` for the given texts, in order."""
-        results = await asyncio.gather(*(self._embed_batch(t) for t in texts))
+        if not 0 < len(texts) <= MAX_INPUTS or not all(isinstance(t, str) and t for t in texts):
+            return ErrorInfo(400, f"input must be 1 to {MAX_INPUTS} non-empty strings", param="input")
+        # WordPiece makes at most one token of max_input_chars_per_word (100) characters plus a separator, so
+        # nothing past max_length * 101 characters can reach the encoder: cut it before tokenising.
+        cut = self.model.max_length * 101
+        texts = [t[:cut] for t in texts]
+        results: list[tuple[list[float], int]] = []
+        for start in range(0, len(texts), BATCH):  # one slice at a time: other requests interleave
+            results += await asyncio.gather(*(self._embed_batch(t) for t in texts[start:start + BATCH]))
         return {"data": [{"index": i, "embedding": v} for i, (v, _) in enumerate(results)],
                 "prompt_tokens": sum(n for _, n in results)}

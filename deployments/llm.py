@@ -1,9 +1,11 @@
-"""LLMServer: one Serve replica holding one engine (native or vLLM), streaming plain-data items.
+"""LLMServer: one Serve replica holding one engine (native or vLLM) behind ``parallel.engine_api.Engine``.
 
-Items cross deployment handles as dicts: ``{"text", "token_ids", "finish_reason", "prompt_tokens",
-"completion_tokens", "logprobs"}`` per increment, or one ``{"error", "status"}`` when the request is refused.
-A caller that stops iterating (an HTTP client that disconnects) cancels the generator here, which aborts the
-engine request and frees its KV blocks.
+It receives a ``GenerateRequest`` and streams ``Chunk``s (deltas), or one final ``ErrorInfo`` when the
+request is refused or fails. On the way in: admission (refuse at once what would wait too long), prompt
+rendering and tokenisation off the event loop (a 4 MiB prompt must not freeze other streams), the context
+check. Engine errors are mapped by class: the client's mistake 400, a failure of this request alone 500,
+a dead or restarting engine 503 with Retry-After (the router retries once elsewhere). A caller that stops
+iterating (a client that disconnects) cancels the generator here, which aborts the engine request.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import uuid
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,15 +21,25 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.openai_protocol import OpenAIError
+from deployments.admission import AdmissionLimits, LoadTracker, decide
+from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, TokenLogprob
 from parallel.chat_template import render_chat
+from parallel.engine_api import Engine
+from parallel.errors import (
+    ContextLengthError,
+    EngineDeadError,
+    EngineOverloadedError,
+    InvalidRequestError,
+    RequestFailedError,
+)
 from parallel.gpu import GpuMonitor, engine_load_metrics
+from parallel.outputs import OutputDelta
 from parallel.sampling_params import SamplingParams
 
 logger = logging.getLogger("ray.serve")
 
 
-def make_engine(engine: str, source: str, options: dict[str, Any], draft: DeploymentHandle | None = None) -> Any:
+def make_engine(engine: str, source: str, options: dict[str, Any], draft: DeploymentHandle | None = None) -> Engine:
     if engine == "vllm":
         from parallel.vllm_engine import VllmEngine
 
@@ -41,33 +53,44 @@ def make_engine(engine: str, source: str, options: dict[str, Any], draft: Deploy
     return AsyncEngine.from_options(source, **options)
 
 
-def _param_of(message: str) -> str | None:
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "logprobs", "min_tokens", "stop", "seed"):
-        if message.startswith(name):
-            return name
-    return None
+def error_info(err: Exception, model: str, retry_after_s: float) -> ErrorInfo:
+    """The client-facing error for an engine error, by class."""
+    if isinstance(err, InvalidRequestError):
+        return ErrorInfo(400, err.message, param=err.param, code=err.code)
+    if isinstance(err, EngineOverloadedError):
+        return ErrorInfo(503, err.message, code="overloaded", retry_after_s=err.retry_after_s)
+    if isinstance(err, EngineDeadError):
+        return ErrorInfo(503, f"model {model!r}: its engine failed ({err.message}); it is being restarted, retry",
+                         code="replica_failed", retry_after_s=retry_after_s)
+    if isinstance(err, RequestFailedError):
+        return ErrorInfo(500, f"this request failed inside the engine: {err.message}", code="request_failed")
+    raise err
 
 
 @serve.deployment
 class LLMServer:
-    """A model replica. Python callers use ``generate`` (unary) or ``generate_stream`` (``stream=True``).
+    """A model replica. Python callers use ``generate`` (unary) or ``generate_stream`` (``stream=True``)
+    with a ``GenerateRequest`` (or the same as a dict).
 
     Example:
         >>> h = serve.get_deployment_handle("tiny-code-llama", app_name="modelfleet")
-        >>> await h.generate.remote({"prompt": "def f():", "sampling": {"max_tokens": 8, "temperature": 0}})
-        {'text': ..., 'finish_reason': 'length', 'prompt_tokens': 5, 'completion_tokens': 8, ...}
+        >>> h.generate.remote({"prompt": "def f():", "params": {"max_tokens": 8, "temperature": 0}}).result().text
     """
 
     def __init__(self, model_name: str, source: str, engine: str = "native",
-                 engine_options: dict[str, Any] | None = None, draft: DeploymentHandle | None = None) -> None:
+                 engine_options: dict[str, Any] | None = None, draft: DeploymentHandle | None = None,
+                 admission: AdmissionLimits | None = None, retry_after_s: float = 1.0) -> None:
         self.model_name = model_name
-        self.engine_kind = engine
-        self.engine = make_engine(engine, source, dict(engine_options or {}), draft)
+        self.engine: Engine = make_engine(engine, source, dict(engine_options or {}), draft)
         self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.info.max_model_len
+        self.admission = admission or AdmissionLimits()
+        self.retry_after_s = retry_after_s
+        slots = int((engine_options or {}).get("max_num_seqs") or 32)
+        self.load = LoadTracker(slots)
         # NVML only where this replica runs its engine on a GPU; elsewhere the GPU signal is absent (not 0).
         self.gpu = GpuMonitor() if torch.cuda.is_available() else None
-        logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine,
-                    self.engine.max_model_len)
+        logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine, self.max_model_len)
 
     # ---- Serve hooks ------------------------------------------------------------------------------------
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -75,97 +98,132 @@ class LLMServer:
         return engine_load_metrics(self.engine.stats(), self.gpu.read() if self.gpu is not None else None)
 
     async def check_health(self) -> None:
-        """Serve calls this periodically; raising makes Serve replace the replica (and so all its ranks)."""
+        """Serve calls this periodically; raising makes Serve replace the replica (and so all its ranks).
+        An engine process that died and is restarting in place is not a reason: it is back in seconds."""
         await asyncio.to_thread(self.engine.check_health)
 
     # ---- API --------------------------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
-        return {"name": self.model_name, "engine": self.engine_kind, "max_model_len": self.engine.max_model_len}
+        return {"name": self.model_name, "engine": self.engine.info.engine, "max_model_len": self.max_model_len,
+                "ready": self.engine.is_ready()}
 
     async def stats(self) -> dict[str, Any]:
-        stats = dataclasses.asdict(self.engine.stats())
-        runner = getattr(getattr(getattr(self.engine, "engine", None), "executor", None), "runner", None)
-        remote = getattr(getattr(runner, "proposer", None), "stats", None)
-        return {**stats, **remote()} if remote else stats
+        load = self.load.snapshot()
+        return {**dataclasses.asdict(self.engine.stats()), "admission_queued": load.queued,
+                "admission_running": load.running}
 
     async def worker_pids(self) -> list[int]:
-        """Process ids of the tensor-parallel ranks (empty for one in-process rank); for operators and tests."""
-        executor = getattr(getattr(self.engine, "engine", None), "executor", None)
-        pids = getattr(executor, "worker_pids", None)
-        return await asyncio.to_thread(pids) if pids else []
+        """Process ids of the engine's processes (engine process, tensor-parallel ranks); for operators and
+        fault-injection tests."""
+        return await asyncio.to_thread(self.engine.process_ids)
 
-    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The whole completion at once: text, token ids, finish reason, usage (or the error item)."""
-        text, token_ids, logprobs, last = [], [], [], {}
+    async def generate(self, request: GenerateRequest | dict[str, Any]) -> Chunk | ErrorInfo:
+        """The whole completion as one Chunk (text and token ids accumulated once), or the ErrorInfo."""
+        chunks: list[Chunk] = []
         async for item in self.generate_stream(request):
-            if "error" in item:
+            if isinstance(item, ErrorInfo):
                 return item
-            text.append(item["text"])
-            token_ids.extend(item["token_ids"])
-            logprobs.extend(item.get("logprobs") or [])
-            last = item
-        return {**last, "text": "".join(text), "token_ids": token_ids, "logprobs": logprobs or None}
+            chunks.append(item)
+        last = chunks[-1]
+        lps = [e for c in chunks for e in (c.logprobs or ())]
+        return Chunk("".join(c.text for c in chunks), tuple(t for c in chunks for t in c.token_ids),
+                     last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(lps) if lps else None)
 
-    async def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """request: ``prompt`` (text or ids) or ``messages``, ``sampling`` (SamplingParams fields), optional
-        ``logprobs`` (top-n) and ``request_id``."""
+    async def generate_stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Chunk | ErrorInfo]:
         try:
-            prompt = self._prompt(request)
-            params = self._params(request, prompt)
-        except OpenAIError as err:
-            yield err.to_item()
+            req = as_request(request)
+        except InvalidRequestError as err:
+            yield error_info(err, self.model_name, self.retry_after_s)
             return
-        request_id = request.get("request_id") or uuid.uuid4().hex
-        n_prompt = len(prompt)
+        rid = req.request_id
+        if not self.engine.is_ready():
+            yield ErrorInfo(503, f"model {self.model_name!r}: its engine is restarting, retry",
+                            code="engine_restarting", retry_after_s=self.retry_after_s)
+            return
+        time_left = req.deadline - time.time() if req.deadline is not None else None
+        decision = decide(self.load.snapshot(), self.admission, time_left)
+        if not decision.admit:
+            logger.info("request %s refused: %s", rid, decision.reason)
+            yield ErrorInfo(503, f"model {self.model_name!r} is overloaded: {decision.reason}; retry later",
+                            code="overloaded", retry_after_s=decision.retry_after_s)
+            return
+        self.load.enqueue()
+        started_at: float | None = None
         try:
-            async for out in self.engine.generate(request_id, prompt, params):
-                c = out.outputs[0]
-                n_new = len(c.delta_token_ids)
-                yield {"text": c.delta_text, "token_ids": list(c.delta_token_ids), "finish_reason": c.finish_reason,
-                       "prompt_tokens": n_prompt, "completion_tokens": len(c.token_ids),
-                       "logprobs": self._logprobs(c.logprobs[len(c.logprobs) - n_new:], c.delta_token_ids)
-                       if c.logprobs is not None and n_new else None}
-        except ValueError as err:  # the engine refused it (e.g. the KV cache cannot hold it): the client's limit
-            yield OpenAIError(400, str(err), param="prompt").to_item()
-        except Exception as err:
-            logger.error("model %s failed during request %s: %r", self.model_name, request_id, err)
-            yield OpenAIError(503, f"model {self.model_name!r} failed while generating ({type(err).__name__}); "
-                              "its replica is being replaced, retry", type_="server_error", code="replica_failed",
-                              retry_after=1).to_item()
+            ids, params = await asyncio.to_thread(self._prepare, req)
+            want_lps = params.logprobs is not None
+            async for d in self.engine.generate(rid, ids, params):
+                if started_at is None:
+                    started_at = time.monotonic()
+                    self.load.start()
+                yield Chunk(d.text, d.token_ids, d.finish_reason, d.num_prompt_tokens, d.num_output_tokens,
+                            self._logprobs(d) if want_lps and d.token_ids else None)
+        except ServeError as err:
+            yield err.info
+        except (InvalidRequestError, EngineOverloadedError, EngineDeadError, RequestFailedError) as err:
+            info = error_info(err, self.model_name, self.retry_after_s)
+            (logger.warning if info.status >= 500 else logger.info)("request %s failed: %s %s", rid, info.status,
+                                                                     info.message)
+            yield info
+        finally:
+            self.load.finish(started_at is not None,
+                             time.monotonic() - started_at if started_at is not None else None)
 
-    # ---- helpers ----------------------------------------------------------------------------------------
-    def _prompt(self, request: dict[str, Any]) -> list[int]:
+    # ---- helpers (run in a worker thread: tokenising a large prompt takes seconds) ----------------------
+    def _prepare(self, req: GenerateRequest) -> tuple[list[int], SamplingParams]:
+        ids = self._prompt_ids(req)
+        params = req.params
+        room = self.max_model_len - len(ids)
+        if req.fill_max_tokens:
+            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+        elif params.max_tokens > room:
+            raise ContextLengthError(f"this model's maximum context length is {self.max_model_len} tokens, but "
+                                     f"{len(ids)} prompt tokens plus max_tokens={params.max_tokens} exceed it",
+                                     param="max_tokens")
+        return ids, params
+
+    def _prompt_ids(self, req: GenerateRequest) -> list[int]:
+        if req.messages is None:
+            prompt = req.prompt if isinstance(req.prompt, str) else list(req.prompt or ())
+            return self.engine.encode_prompt(prompt, param="prompt")
         tok = self.tokenizer
-        messages = request.get("messages")
+        if tok is None:
+            raise InvalidRequestError("chat needs a tokenizer; this model was started without one", param="messages")
         try:
-            if messages is not None:
-                text = render_chat(messages, tok.chat_template, tok.bos_token, tok.eos_token)
-                ids = tok.encode(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
-                return self.engine.encode_prompt(ids)
-            return self.engine.encode_prompt(request["prompt"])
-        except ValueError as err:
-            msg = str(err)
-            code = "context_length_exceeded" if "context length" in msg else None
-            raise OpenAIError(400, msg, param="messages" if messages is not None else "prompt", code=code) from err
+            text = render_chat([{"role": m.role, "content": m.content} for m in req.messages], tok.chat_template,
+                               tok.bos_token, tok.eos_token)
+        except ValueError as err:  # the template refused the conversation (e.g. roles out of order)
+            raise InvalidRequestError(str(err), param="messages") from None
+        bound = tok.min_tokens(text)
+        if bound >= self.max_model_len:  # refused before tokenising: no amount of CPU would make it fit
+            raise ContextLengthError(f"messages have at least {bound} tokens, more than the model's context length "
+                                     f"{self.max_model_len}", param="messages")
+        ids = tok.encode(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
+        return self.engine.encode_prompt(ids, param="messages")
 
-    def _params(self, request: dict[str, Any], prompt: list[int]) -> SamplingParams:
-        sampling = dict(request.get("sampling") or {})
-        room = self.engine.max_model_len - len(prompt)
-        if sampling.get("max_tokens") is None:
-            sampling["max_tokens"] = room
-        elif sampling["max_tokens"] > room:
-            raise OpenAIError(400, f"this model's maximum context length is {self.engine.max_model_len} tokens, "
-                              f"but {len(prompt)} prompt tokens plus max_tokens={sampling['max_tokens']} exceed it",
-                              param="max_tokens", code="context_length_exceeded")
-        try:
-            return SamplingParams(**sampling, logprobs=request.get("logprobs"))
-        except (TypeError, ValueError) as err:
-            raise OpenAIError(400, str(err), param=_param_of(str(err))) from err
-
-    def _logprobs(self, entries: tuple[dict[int, float], ...], token_ids: tuple[int, ...]) -> list[dict[str, Any]]:
+    def _logprobs(self, d: OutputDelta) -> tuple[TokenLogprob, ...]:
         def piece(t: int) -> str:
-            return self.tokenizer.decode([t], skip_special_tokens=False)
+            return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer else str(t)
 
-        return [{"token": piece(t), "logprob": e.get(t, float("-inf")),
-                 "top": [(piece(a), lp) for a, lp in sorted(e.items(), key=lambda kv: -kv[1])]}
-                for e, t in zip(entries, token_ids, strict=False)]
+        return tuple(TokenLogprob(piece(t), e.get(t, float("-inf")),
+                                  tuple((piece(a), lp) for a, lp in sorted(e.items(), key=lambda kv: -kv[1])))
+                     for e, t in zip(d.logprobs or (), d.token_ids, strict=False))
+
+
+def as_request(request: GenerateRequest | dict[str, Any]) -> GenerateRequest:
+    """A handle caller's dict (``{"prompt" | "messages", "params": {SamplingParams fields}}``) as the message."""
+    if isinstance(request, GenerateRequest):
+        return request
+    import uuid
+
+    from deployments.messages import ChatTurn
+
+    body = dict(request)
+    params = SamplingParams(**(body.pop("params", None) or body.pop("sampling", None) or {}))
+    messages = body.pop("messages", None)
+    prompt = body.pop("prompt", None)
+    return GenerateRequest(
+        body.pop("request_id", None) or f"req-{uuid.uuid4().hex}",
+        prompt=prompt if isinstance(prompt, str) or prompt is None else tuple(prompt),
+        messages=tuple(ChatTurn(m["role"], m["content"]) for m in messages) if messages is not None else None,
+        params=params, fill_max_tokens=body.pop("fill_max_tokens", False), deadline=body.pop("deadline", None))

@@ -1,0 +1,228 @@
+"""The OpenAI request schemas (https://platform.openai.com/docs/api-reference), bounded and strict.
+
+Every field is either implemented or refused with a 400 naming it; none is silently ignored:
+- unknown fields are errors (``extra="forbid"``);
+- OpenAI fields not implemented yet (penalties, ``logit_bias``, ``tools``, ``response_format``, ``best_of``,
+  ``suffix``, non-text content parts, ...) are accepted only at their neutral value (null, 0, ``{}``,
+  ``"none"``, ``{"type": "text"}``), which changes nothing, and refused otherwise;
+- ``null`` stands for the default wherever OpenAI's field is nullable.
+Every number is bounded to what the engine can hold (seed in int64, top_k below 2**31, ...), so a value that
+validates here cannot crash an engine. The replica checks what only it knows (context length, vocabulary).
+
+Example:
+    >>> CompletionRequest.model_validate({"model": "m", "prompt": "x", "seed": 2**64})
+    Traceback (most recent call last):
+    ...
+    pydantic_core._pydantic_core.ValidationError: ...
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from deployments.messages import ChatTurn, invalid
+from parallel.sampling_params import SamplingParams
+
+INT32 = 2**31 - 1
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=INT32)]
+StopString = Annotated[str, Field(min_length=1, max_length=1024)]
+MAX_STOP = 16  # OpenAI allows 4; vLLM any number: each costs a scan of the text's tail per token
+MAX_PROMPT_IDS = 1 << 20
+MAX_MESSAGES = 4096
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+
+# field -> neutral values accepted (anything else is refused: not implemented yet)
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+    "repetition_penalty": (None, 1, 1.0),
+    "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+    "tools": (None, []), "tool_choice": (None, "auto", "none"), "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "metadata": (None, {}),
+    "store": (None, False), "service_tier": (None, "auto", "default"),
+}
+
+
+def _refuse_non_neutral(values: dict[str, Any], fields: tuple[str, ...]) -> None:
+    for name in fields:
+        value = values.get(name)
+        if value is not None and not any(value == n and type(value) is type(n) for n in _NEUTRAL[name]):
+            raise invalid(f"{name} is not supported by this server (only {_NEUTRAL[name][-1]!r} or null)",
+                          param=name, code="unsupported_parameter")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class _SamplingFields(_Strict):
+    """Fields shared by completions and chat; vLLM's extensions (top_k, min_tokens, ...) are implemented."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=INT32)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1, le=INT32)
+    n: Literal[1] | None = None
+    seed: Seed | None = None
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(None, ge=0, le=INT32)
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)  # for stickiness and audit, never for the output
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    REFUSED: ClassVar[tuple[str, ...]] = ("frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias")
+
+    @property
+    def streaming(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """Validated engine parameters (a bad combination is a 400 naming the field)."""
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if self.min_tokens and self.min_tokens > max_tokens:
+            raise invalid(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                          param="min_tokens")
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p, top_k=-1 if self.top_k is None else self.top_k,
+            seed=self.seed, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=bool(self.ignore_eos), logprobs=logprobs, min_tokens=self.min_tokens or 0,
+            skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output))
+
+    @model_validator(mode="after")
+    def _refuse(self) -> _SamplingFields:
+        _refuse_non_neutral(self.__dict__, self.REFUSED)
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options is only allowed when stream is true", param="stream_options")
+        return self
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Text | TokenIds | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=1)]
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = None
+    suffix: str | None = None
+
+    REFUSED: ClassVar[tuple[str, ...]] = (*_SamplingFields.REFUSED, "best_of", "suffix")
+
+    @model_validator(mode="after")
+    def _echo(self) -> CompletionRequest:
+        if self.echo and (not isinstance(self.single_prompt(), str) or self.stream):
+            raise invalid("echo is supported for one text prompt without streaming only", param="echo",
+                          code="unsupported_parameter")
+        if self.echo and self.logprobs is not None:
+            raise invalid("echo with logprobs (prompt logprobs) is not supported", param="echo",
+                          code="unsupported_parameter")
+        return self
+
+    def single_prompt(self) -> str | list[int]:
+        p = self.prompt
+        if isinstance(p, list) and isinstance(p[0], str | list):
+            return p[0]  # type: ignore[return-value]
+        return p  # type: ignore[return-value]
+
+    def requested_max_tokens(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's default for completions
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | Annotated[list[TextPart], Field(max_length=4096)] | None = None
+    name: None = None  # OpenAI's participant name: not rendered by chat templates here, so refused
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+
+    REFUSED: ClassVar[tuple[str, ...]] = (
+        *_SamplingFields.REFUSED, "response_format", "tools", "tool_choice", "functions", "function_call",
+        "parallel_tool_calls", "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
+        "metadata", "store", "service_tier")
+
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise invalid("top_logprobs needs logprobs: true", param="top_logprobs")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def turns(self) -> tuple[ChatTurn, ...]:
+        return tuple(ChatTurn(m.role, m.text()) for m in self.messages)
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+
+
+class EmbeddingRequest(_Strict):
+    model: str = Field(min_length=1, max_length=256)
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: None = None  # MiniLM-style encoders have one size: refused (400 naming it) when set
+    user: str | None = Field(None, max_length=256)
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+ROUTE_SCHEMAS: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/embeddings": EmbeddingRequest,
+}

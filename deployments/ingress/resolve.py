@@ -1,0 +1,69 @@
+"""Model resolution: the ``model`` field of a request -> the deployment that answers it.
+
+A pure table, without Ray: the ingress holds handles by deployment name and asks ``Resolver.resolve`` which
+one to call. Today each model has one target; the table already has the shape that weighted targets
+(canary) and shadows need, with ``choose`` the place where a weighted, sticky split goes.
+
+Example:
+    >>> r = Resolver([ModelRoute("tiny", "llm", (Target("tiny"),))])
+    >>> r.resolve("tiny", "llm").deployment
+    'tiny'
+    >>> r.resolve("tiny", "embedding")
+    Traceback (most recent call last):
+    ...
+    deployments.messages.ServeError: model 'tiny' is a llm model; it does not serve embedding requests
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from deployments.messages import ErrorInfo, ServeError
+
+Kind = Literal["llm", "embedding"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment that serves (one version of) a model."""
+
+    deployment: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    model: str
+    kind: Kind
+    targets: tuple[Target, ...]
+    shadows: tuple[Target, ...] = ()
+    on_demand: bool = False  # may sit at zero replicas (health must not wake it)
+
+
+def choose(targets: tuple[Target, ...], key: str | None = None) -> Target:
+    """The target for one request. One target today; weighted, sticky splits replace this function."""
+    return targets[0]
+
+
+class Resolver:
+    def __init__(self, routes: Iterable[ModelRoute]) -> None:
+        self.routes = {r.model: r for r in routes}
+
+    def route(self, model: str, kind: Kind) -> ModelRoute:
+        route = self.routes.get(model)
+        if route is None:
+            served = sorted(m for m, r in self.routes.items() if r.kind == kind)
+            raise ServeError(ErrorInfo(404, f"model {model!r} not found; available: {', '.join(served) or 'none'}",
+                                       type="invalid_request_error", param="model", code="model_not_found"))
+        if route.kind != kind:
+            raise ServeError(ErrorInfo(404, f"model {model!r} is a {route.kind} model; it does not serve {kind} "
+                                       "requests", param="model", code="model_not_found"))
+        return route
+
+    def resolve(self, model: str, kind: Kind, key: str | None = None) -> Target:
+        return choose(self.route(model, kind).targets, key)
+
+    def deployments(self) -> set[str]:
+        return {t.deployment for r in self.routes.values() for t in (*r.targets, *r.shadows)}

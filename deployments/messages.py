@@ -1,0 +1,107 @@
+"""Typed, frozen messages between the ingress and the model replicas (they cross Ray process boundaries).
+
+- ``GenerateRequest``: built once by the ingress; the replica receives it as is (prompt or chat turns,
+  validated ``SamplingParams``, request id, deadline).
+- ``Chunk``: what a replica streams back: the delta of text and token ids since its previous chunk, running
+  token counts, logprobs rendered as token strings. Deltas end to end; accumulated once, at the edge.
+- ``ErrorInfo`` / ``ServeError``: an error with its HTTP status and OpenAI body fields, raised where it
+  arises (``ServeError``) and carried across a stream as an ``ErrorInfo`` item, never recognised by text.
+
+Example:
+    >>> req = GenerateRequest("req-1", prompt="def f():", params=SamplingParams(max_tokens=4))
+    >>> ServeError(ErrorInfo(404, "no such model", code="model_not_found", param="model")).info.body()["error"]["code"]
+    'model_not_found'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from parallel.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """One generation, as the replica receives it. Exactly one of ``prompt`` and ``messages`` is set.
+
+    ``fill_max_tokens``: the client gave no max_tokens (chat): the replica sets it to the room left in the
+    context. ``deadline``: wall-clock (time.time()) after which the answer is no longer wanted.
+    """
+
+    request_id: str
+    prompt: str | tuple[int, ...] | None = None
+    messages: tuple[ChatTurn, ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    fill_max_tokens: bool = False
+    deadline: float | None = None
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """The delta a replica streams for one request; ``finish_reason`` is set on the last one."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int  # generated so far, including this chunk
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """An error's HTTP status and OpenAI body (``{"error": {"message", "type", "param", "code"}}``)."""
+
+    status: int
+    message: str
+    type: str = ""
+    param: str | None = None
+    code: str | None = None
+    retry_after_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.type:
+            object.__setattr__(self, "type", "invalid_request_error" if self.status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after_s))),
+                "retry-after-ms": str(max(0, round(self.retry_after_s * 1000)))}
+
+
+class ServeError(Exception):
+    """Raised where a request fails; the ingress turns it into a response with the info's status and body."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(info.message)
+        self.info = info
+
+    def __reduce__(self):  # pickles with its info across Ray
+        return (ServeError, (self.info,))
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None, status: int = 400) -> ServeError:
+    return ServeError(ErrorInfo(status, message, param=param, code=code))
+
+
+def unavailable(message: str, code: str, retry_after_s: float) -> ServeError:
+    return ServeError(ErrorInfo(503, message, code=code, retry_after_s=retry_after_s))
