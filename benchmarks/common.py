@@ -1,5 +1,6 @@
-"""Shared helpers of the benchmarks: workloads, locally created random models, machine facts, bandwidth,
-and the markdown report.
+"""Shared helpers of the benchmarks: workloads, locally created random models, machine facts, bandwidth, an
+online serving client, code versions (git worktrees, where a server imported its code from), and the markdown
+report.
 
 Nothing here runs an engine; ``benchmarks/engine.py`` does (see its docstring for how to run).
 """
@@ -7,16 +8,25 @@ Nothing here runs an engine; ``benchmarks/engine.py`` does (see its docstring fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import itertools
 import json
 import os
 import platform
 import random
+import shutil
+import subprocess
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "benchmarks" / "out"  # git-ignored: random models, temp dirs, raw JSON
@@ -242,6 +252,139 @@ class PhaseTimer:
                 self.calls[name] = self.calls.get(name, 0) + 1
 
         return wrapper
+
+
+# ---- online serving client (httpx; imported on use) ---------------------------------------------------------
+@dataclass
+class Outcome:
+    """One request as the client saw it (seconds)."""
+
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    chunks: int = 0
+    error: str = ""
+
+
+async def stream_completion(client: httpx.AsyncClient, payload: dict[str, Any]) -> Outcome:
+    """One streamed ``POST /v1/completions`` (with ``stream_options.include_usage``), timed chunk by chunk."""
+    import httpx
+
+    start = time.perf_counter()
+    stamps: list[float] = []  # arrival of each chunk that carries a choice
+    usage: dict[str, Any] | None = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=payload) as resp:
+            if resp.status_code != 200:
+                return Outcome(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    return Outcome(False, error=str(event["error"])[:200])
+                if event.get("choices"):
+                    stamps.append(time.perf_counter())
+                usage = event.get("usage") or usage
+    except httpx.HTTPError as err:
+        return Outcome(False, error=f"{type(err).__name__}: {err}")
+    if not stamps or not usage:
+        return Outcome(False, error="stream ended without a choice chunk or without usage")
+    itl = [b - a for a, b in itertools.pairwise(stamps)]
+    return Outcome(True, stamps[0] - start, time.perf_counter() - start, itl, int(usage["completion_tokens"]),
+                   len(stamps))
+
+
+def pct(values: list[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(outcomes: list[Outcome], duration: float, cpu: dict[str, Any]) -> dict[str, Any]:
+    """Throughput, latency percentiles (ms) and the server's CPU ms per output token (``cpu``: a TreeCPU window)."""
+    ok = [o for o in outcomes if o.ok]
+    tokens = sum(o.output_tokens for o in ok)
+    tpot = [(o.e2e - o.ttft) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1]
+    itl = [g for o in ok for g in o.itl]
+    s: dict[str, Any] = {"completed": len(ok), "failed": len(outcomes) - len(ok), "duration_s": duration,
+                         "output_tokens": tokens, "output_tok_s": tokens / duration, "req_s": len(ok) / duration,
+                         "chunks_per_request": sum(o.chunks for o in ok) / max(len(ok), 1),
+                         "errors": sorted({o.error for o in outcomes if not o.ok})[:5],
+                         "server_cpu_ms_per_tok": 1000 * cpu["cpu_s"] / tokens if tokens else None,
+                         "server_cpu": cpu}
+    for name, vals in (("ttft", [o.ttft for o in ok]), ("tpot", tpot), ("itl", itl), ("e2e", [o.e2e for o in ok])):
+        s[f"{name}_p50_ms"] = None if not vals else 1000 * pct(vals, 50)
+        s[f"{name}_p99_ms"] = None if not vals else 1000 * pct(vals, 99)
+    return s
+
+
+# ---- code versions ------------------------------------------------------------------------------------------
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def code_facts(ref: str | None = None) -> dict[str, Any]:
+    """Commit and subject of ``ref``; None: the working tree (HEAD plus what ``git status`` lists)."""
+    commit = git("rev-parse", "--verify", f"{ref or 'HEAD'}^{{commit}}")
+    facts: dict[str, Any] = {"ref": ref or "working tree", "commit": commit,
+                             "subject": git("log", "-1", "--format=%s", commit)}
+    if ref is None:
+        facts["uncommitted"] = git("status", "--porcelain").splitlines()
+    return facts
+
+
+@contextlib.contextmanager
+def git_worktree(ref: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A detached ``git worktree`` of ``ref`` in a temp dir, removed on exit: yields (its path, code_facts(ref))."""
+    facts = code_facts(ref)
+    tmp = Path(tempfile.mkdtemp(prefix="mf-baseline-", dir="/tmp"))
+    path = tmp / "src"
+    git("worktree", "add", "--detach", "--quiet", str(path), facts["commit"])
+    try:
+        yield path, facts
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            git("worktree", "remove", "--force", str(path))
+        shutil.rmtree(tmp, ignore_errors=True)
+        git("worktree", "prune")
+
+
+def report_imports(path: str) -> None:
+    """In a Ray driver: write to ``path`` (JSON) where this process and, by ``__ray_call__``, every Serve
+    replica imported the project's packages from (``{who: {"pid", "cluster", "deployments", "parallel"}}``)."""
+    import ray
+
+    def imported_from(_replica: Any = None) -> dict[str, Any]:  # nested: cloudpickle ships it by value
+        import os
+        import sys
+
+        return {"pid": os.getpid(), **{m: getattr(sys.modules.get(m), "__file__", None)
+                                       for m in ("cluster", "deployments", "parallel")}}
+
+    found = {"launcher": imported_from()}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "SERVE_REPLICA" in actor["name"]:
+            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            found[actor["name"]] = ray.get(handle.__ray_call__.remote(imported_from), timeout=60)
+    print(f"imported from: {json.dumps(found)}", flush=True)
+    Path(path + ".part").write_text(json.dumps(found))
+    os.replace(path + ".part", path)
+
+
+def check_imports(found: dict[str, Any], root: Path) -> None:
+    """Every project module that report_imports found comes from ``root``; at least one replica, each with some."""
+    bad = [f"{who}: {f}" for who, mods in found.items() for m, f in mods.items()
+           if m != "pid" and f and not Path(f).resolve().is_relative_to(root.resolve())]
+    empty = [who for who, mods in found.items() if not any(f for m, f in mods.items() if m != "pid")]
+    if bad or empty or len(found) < 2:
+        raise RuntimeError(f"not running the code of {root}: foreign {bad}, no project module in {empty}, "
+                           f"{len(found) - 1} replica(s) checked")
 
 
 # ---- reporting ----------------------------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 An httpx load generator streams ``POST /v1/completions`` (``ignore_eos``, ``stream_options.include_usage``) of
 random token-id prompts, Poisson arrivals at ``--request-rate`` (``inf``: all at once), at most ``--concurrency``
 in flight. Per request: TTFT (first chunk with a choice), ITL (gaps between such chunks), TPOT ((e2e - ttft) /
-(output tokens - 1)), e2e; output tokens come from the final usage. Targets run one at a time (start, /health,
-warm up, measure, probe the fixed overhead, stop), on the same model and engine settings:
+(output tokens - 1)), e2e; output tokens come from the final usage. Per measured load: the server's CPU time
+per output token (user + system CPU s of the server's whole process tree during the load / output tokens of
+the load, in ms; for modelfleet the tree holds the launcher, Ray's gcs, raylet and workers, the replicas and
+their engine processes; see ``benchmarks/proctree.py``). Targets run one at a time (start, /health, warm up,
+measure, probe the fixed overhead, stop), on the same model and engine settings:
 
 - ``mf-vllm``: modelfleet (Ray Serve proxy -> router -> replica) on the vLLM engine
 - ``vllm``: vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
@@ -16,6 +19,21 @@ Run from the repository root::
     .venv/bin/python benchmarks/serving.py                                    # 64 prompts, 128/128, conc. 16
     .venv/bin/python benchmarks/serving.py --request-rate inf,2 --targets vllm,mf-vllm
 
+Before/after a code change, in one invocation on the same load: ``--baseline REF`` (any git ref or commit)
+checks REF out into a temporary ``git worktree`` (removed at the end) and adds, for each modelfleet target,
+a twin ``<target>@REF`` launched from that code (cwd and PYTHONPATH at the worktree, the same interpreter;
+Ray's workers inherit the environment and get the driver's cwd on sys.path). The current code is the working
+tree, uncommitted changes included (the JSON lists them). Each pair runs baseline first, then current;
+``--rounds N`` repeats the whole sequence N times (ratios then use the medians over rounds). Before measuring,
+each modelfleet target checks where the launcher and every Serve replica imported ``cluster``/``deployments``/
+``parallel`` from, and fails unless that is its own code. The report ends with current / baseline for output
+tok/s, CPU ms per output token and TTFT::
+
+    .venv/bin/python benchmarks/serving.py --quick --targets mf-native --baseline HEAD      # smoke test
+    .venv/bin/python benchmarks/serving.py --targets mf-native,mf-vllm --baseline HEAD~5 --rounds 3
+
+The launcher passes the app args ``{"models": [...], "router": {...}}`` with fields that both versions accept.
+
 Tables are printed; JSON goes to ``benchmarks/out/serving[-quick].json``, server logs next to it. A modelfleet
 target is a launcher subprocess with a private Ray (no dashboard, auth off, private temp dir); every server has
 its own process group, stopped by SIGINT, then SIGKILL of that group.
@@ -26,11 +44,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -39,7 +57,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,56 +67,26 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine_info, markdown_table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Outcome,
+    check_imports,
+    code_facts,
+    git_worktree,
+    machine_info,
+    markdown_table,
+    pct,
+    report_imports,
+    stream_completion,
+    summarize,
+)
+from benchmarks.proctree import TreeCPU, stop_tree  # noqa: E402
 
 OUT_DIR = ROOT / "benchmarks" / "out"
 TARGETS = {"mf-vllm": "modelfleet, vLLM engine", "vllm": "vLLM OpenAI server", "mf-native": "modelfleet, native engine"}
 NAME = "bench"  # the model name every target serves
 
 
-@dataclass
-class Outcome:
-    """One request as the client saw it (seconds)."""
-
-    ok: bool
-    ttft: float = 0.0
-    e2e: float = 0.0
-    itl: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    chunks: int = 0
-    error: str = ""
-
-
 # ---- client -------------------------------------------------------------------------------------------------
-async def stream_completion(client: httpx.AsyncClient, payload: dict[str, Any]) -> Outcome:
-    start = time.perf_counter()
-    stamps: list[float] = []  # arrival of each chunk that carries a choice
-    usage: dict[str, Any] | None = None
-    try:
-        async with client.stream("POST", "/v1/completions", json=payload) as resp:
-            if resp.status_code != 200:
-                return Outcome(False, error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    return Outcome(False, error=str(event["error"])[:200])
-                if event.get("choices"):
-                    stamps.append(time.perf_counter())
-                usage = event.get("usage") or usage
-    except httpx.HTTPError as err:
-        return Outcome(False, error=f"{type(err).__name__}: {err}")
-    if not stamps or not usage:
-        return Outcome(False, error="stream ended without a choice chunk or without usage")
-    itl = [b - a for a, b in itertools.pairwise(stamps)]
-    return Outcome(True, stamps[0] - start, time.perf_counter() - start, itl, int(usage["completion_tokens"]),
-                   len(stamps))
-
-
 def payload(prompt: list[int], max_tokens: int, stream: bool = True) -> dict[str, Any]:
     return {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": stream} | ({"stream_options": {"include_usage": True}} if stream else {})
@@ -127,25 +115,6 @@ async def run_load(client: httpx.AsyncClient, prompts: list[list[int]], max_toke
     return list(await asyncio.gather(*tasks)), time.perf_counter() - t0
 
 
-def pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def summarize(outcomes: list[Outcome], duration: float) -> dict[str, Any]:
-    ok = [o for o in outcomes if o.ok]
-    tokens = sum(o.output_tokens for o in ok)
-    tpot = [(o.e2e - o.ttft) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1]
-    itl = [g for o in ok for g in o.itl]
-    s: dict[str, Any] = {"completed": len(ok), "failed": len(outcomes) - len(ok), "duration_s": duration,
-                         "output_tokens": tokens, "output_tok_s": tokens / duration, "req_s": len(ok) / duration,
-                         "chunks_per_request": sum(o.chunks for o in ok) / max(len(ok), 1),
-                         "errors": sorted({o.error for o in outcomes if not o.ok})[:5]}
-    for name, vals in (("ttft", [o.ttft for o in ok]), ("tpot", tpot), ("itl", itl), ("e2e", [o.e2e for o in ok])):
-        s[f"{name}_p50_ms"] = None if not vals else 1000 * pct(vals, 50)
-        s[f"{name}_p99_ms"] = None if not vals else 1000 * pct(vals, 99)
-    return s
-
-
 async def probe(client: httpx.AsyncClient, vocab: int, n: int) -> dict[str, Any]:
     """Fixed per-request cost on an idle server, one request at a time (medians, ms): an HTTP-only route
     (GET /v1/models), a 1-token unary completion of an 8-token prompt, and a lone 32-token stream."""
@@ -163,7 +132,7 @@ async def probe(client: httpx.AsyncClient, vocab: int, n: int) -> dict[str, Any]
     return {k: 1000 * pct(v, 50) if v else None for k, v in got.items()}
 
 
-async def measure(base: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+async def measure(base: str, args: argparse.Namespace, vocab: int, tree: TreeCPU) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(600.0), limits=limits) as client:
         warm = random_prompts(max(args.concurrency, 2), args.input_len, vocab, seed=args.seed + 1)
@@ -173,9 +142,11 @@ async def measure(base: str, args: argparse.Namespace, vocab: int) -> dict[str, 
         runs = {}
         for i, rate in enumerate(args.request_rate):  # fresh prompts per run: no prefix-cache hits across runs
             prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed=args.seed + 10 * (i + 2))
-            outcomes, duration = await run_load(client, prompts, args.output_len, rate, args.concurrency, args.seed)
+            with tree.window() as cpu:  # the server's CPU time during exactly this load
+                outcomes, duration = await run_load(client, prompts, args.output_len, rate, args.concurrency,
+                                                    args.seed)
             name = f"conc. {args.concurrency}" + ("" if math.isinf(rate) else f", Poisson {rate:g} req/s")
-            runs[name] = summarize(outcomes, duration) | {"raw": [asdict(o) | {"itl": None} for o in outcomes]}
+            runs[name] = summarize(outcomes, duration, cpu) | {"raw": [asdict(o) | {"itl": None} for o in outcomes]}
         return {"runs": runs, "probe": await probe(client, vocab, args.probe_requests)}
 
 
@@ -205,22 +176,29 @@ async def handle_probe(n: int, vocab: int) -> dict[str, float | None]:
     return {k: 1000 * pct(v, 50) if v else None for k, v in got.items()}
 
 
-def request_handle_probe(proc: subprocess.Popen, tmp: Path, timeout: float = 120.0) -> dict[str, Any]:
-    proc.send_signal(signal.SIGUSR1)
+def wait_json(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> dict[str, Any]:
+    """The JSON the launcher writes to ``path`` ({} if it does not come within ``timeout`` s)."""
     deadline = time.monotonic() + timeout
-    while not (tmp / "probe.json").is_file() and time.monotonic() < deadline and proc.poll() is None:
+    while not path.is_file() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    return json.loads((tmp / "probe.json").read_text()) if (tmp / "probe.json").is_file() else {}
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def request_handle_probe(proc: subprocess.Popen, tmp: Path) -> dict[str, Any]:
+    proc.send_signal(signal.SIGUSR1)
+    return wait_json(tmp / "probe.json", proc)
 
 
 def launch_modelfleet(config_file: str) -> None:
     """The launcher subprocess of a modelfleet target: a private Ray + Serve until SIGINT/SIGTERM."""
+    cfg = json.loads(Path(config_file).read_text())
+    code = cfg["code_root"]  # the project's packages come from there only (this file sits in the current tree)
+    sys.path[:] = [code, *(p for p in sys.path if p not in (code, str(ROOT), str(ROOT / "benchmarks")))]
     import ray
     from ray import serve
 
     from cluster.app import build
 
-    cfg = json.loads(Path(config_file).read_text())
     stop, probe_now = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -228,11 +206,15 @@ def launch_modelfleet(config_file: str) -> None:
     ray.init(num_cpus=cfg["num_cpus"], include_dashboard=False, _temp_dir=cfg["ray_temp"], log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]})
     serve.run(build(cfg["args"]), name="modelfleet", route_prefix="/")
+    report_imports(cfg["code_out"])
     print("modelfleet ready", flush=True)
     while not stop.wait(0.2):
         if probe_now.is_set():
             probe_now.clear()
-            result = asyncio.run(handle_probe(cfg["probe_n"], cfg["vocab"]))
+            try:
+                result = asyncio.run(handle_probe(cfg["probe_n"], cfg["vocab"]))
+            except Exception as err:  # e.g. a replica API that differs between code versions
+                result = {"handle_probe_error": f"{type(err).__name__}: {err}"[:300]}
             Path(cfg["probe_out"] + ".part").write_text(json.dumps(result))
             os.replace(cfg["probe_out"] + ".part", cfg["probe_out"])
     serve.shutdown()
@@ -244,12 +226,12 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
             "max_num_batched_tokens": args.max_num_batched_tokens, "stream_interval": args.stream_interval}
 
 
-def start_target(target: str, args: argparse.Namespace, vocab: int, port: int, tmp: Path,
+def start_target(target: str, code: Path, args: argparse.Namespace, vocab: int, port: int, tmp: Path,
                  log: Any) -> subprocess.Popen:
     env = os.environ | {"TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                         "VLLM_CACHE_ROOT": str(tmp / "vcache"), "VLLM_RPC_BASE_PATH": str(tmp / "rpc"),
                         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "RAY_AUTH_MODE": "disabled",
-                        "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+                        "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false"}
     (tmp / "rpc").mkdir()
     if target == "vllm":
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
@@ -262,11 +244,11 @@ def start_target(target: str, args: argparse.Namespace, vocab: int, port: int, t
                  "engine_options": engine_options(args), "resources": {"num_cpus": args.model_cpus},
                  "max_ongoing_requests": max(64, 2 * args.concurrency)}
         cfg = {"num_cpus": os.cpu_count(), "ray_temp": str(tmp / "ray"), "port": port, "vocab": vocab,
-               "probe_n": args.probe_requests, "probe_out": str(tmp / "probe.json"),
-               "args": {"models": [model], "router": {"num_cpus": 0.25}}}
+               "probe_n": args.probe_requests, "probe_out": str(tmp / "probe.json"), "code_root": str(code),
+               "code_out": str(tmp / "code.json"), "args": {"models": [model], "router": {"num_cpus": 0.25}}}
         (tmp / "cfg.json").write_text(json.dumps(cfg))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--launch", str(tmp / "cfg.json")]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -283,43 +265,37 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"server not healthy after {timeout:.0f} s")
 
 
-def stop_target(proc: subprocess.Popen, tmp: Path) -> None:
-    """SIGINT (clean shutdown), then SIGKILL of the process group we created, then any stray process of ours
-    (one whose command line names our private temp dir, e.g. a Ray daemon that left the group)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and str(tmp).encode() in (entry / "cmdline").read_bytes():
-                os.kill(int(entry.name), signal.SIGKILL)
-
-
-def run_target(target: str, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix=f"mfs-{target}-", dir="/tmp"))  # short: Ray's socket paths must fit
+def run_target(key: str, target: str, code: Path, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
+    short = target.removeprefix("mf-") + ("-b" if code != ROOT else "")
+    tmp = Path(tempfile.mkdtemp(prefix=f"mfs-{short}-", dir="/tmp"))  # short: Ray's socket paths must fit
     port = free_port()
-    log_path = OUT_DIR / f"serving-{target}{'-quick' if args.quick else ''}.log"
-    print(f"[{time.strftime('%H:%M:%S')}] {target} ({TARGETS[target]}) on port {port}", flush=True)
+    log_path = OUT_DIR / f"serving-{re.sub(r'[^A-Za-z0-9.@~-]+', '_', key)}{'-quick' if args.quick else ''}.log"
+    print(f"[{time.strftime('%H:%M:%S')}] {key} ({TARGETS[target]}, code in {code}) on port {port}", flush=True)
     t0 = time.perf_counter()
     with log_path.open("w") as log:
-        proc = start_target(target, args, vocab, port, tmp, log)
+        proc = start_target(target, code, args, vocab, port, tmp, log)
         try:
             wait_ready(f"http://127.0.0.1:{port}", proc, args.startup_timeout)
             startup = time.perf_counter() - t0
+            found = {}
+            if target != "vllm":
+                check_imports(found := wait_json(tmp / "code.json", proc), code)
+                print(f"  code checked: the launcher and {len(found) - 1} Serve replica(s) import from {code}")
             print(f"  ready after {startup:.0f} s; measuring", flush=True)
-            result = asyncio.run(measure(f"http://127.0.0.1:{port}", args, vocab)) | {"startup_s": startup}
+            tree = TreeCPU(proc.pid, marker=str(tmp))
+            result = asyncio.run(measure(f"http://127.0.0.1:{port}", args, vocab, tree)) | {"startup_s": startup}
             if target != "vllm":
                 result["probe"] |= request_handle_probe(proc, tmp)
+                result["imported_from"] = found
         except Exception as err:  # one target failing must not lose the others
             tail = log_path.read_text()[-1500:] if log_path.is_file() else ""
             print(f"  FAILED: {err!r}\n{tail}", flush=True)
+            if (ray_logs := tmp / "ray" / "session_latest" / "logs").is_dir():  # replica errors are only there
+                shutil.copytree(ray_logs, log_path.with_suffix(".ray-logs"), dirs_exist_ok=True)
+                print(f"  Ray's logs: {log_path.with_suffix('.ray-logs')}", flush=True)
             result = {"error": f"{type(err).__name__}: {err}"}
         finally:
-            stop_target(proc, tmp)
+            stop_tree(proc, str(tmp))
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
     return result
@@ -330,31 +306,62 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
-    header = ["target", "scenario", "ok", "req/s", "out tok/s", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)",
-              "ITL p50 / p99 (ms)", "E2E p50 / p99 (s)"]
+def median_of(results: dict[str, dict[str, Any]], target: str, baseline: bool, run: str, key: str) -> float | None:
+    vals = [r["runs"][run][key] for r in results.values() if r["target"] == target and r["baseline"] == baseline
+            and run in r.get("runs", {}) and r["runs"][run][key] is not None]
+    return float(np.median(vals)) if vals else None
+
+
+def before_after(results: dict[str, dict[str, Any]], code: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    base, cur = code["baseline"], code["current"]
+    dirty = f" + {len(cur['uncommitted'])} uncommitted paths" if cur["uncommitted"] else ""
+    lines = [f"Before/after (current = working tree at {cur['commit'][:10]}{dirty}; baseline = {args.baseline} = "
+             f"{base['commit'][:10]} \"{base['subject'][:70]}\"; medians over {args.rounds} round(s)):", ""]
+    runs = dict.fromkeys(n for r in results.values() for n in r.get("runs", {}))
+    for t in dict.fromkeys(r["target"] for r in results.values() if r["baseline"]):
+        for run in runs:
+            parts = []
+            for key, label in (("output_tok_s", "output tok/s"), ("server_cpu_ms_per_tok", "server CPU ms / out tok"),
+                               ("ttft_p50_ms", "TTFT p50 ms")):
+                b, c = (median_of(results, t, flag, run, key) for flag in (True, False))
+                ratio = f"{c / b:.3f}x" if b and c is not None else "n/a"
+                parts.append(f"{label} {fmt(b, 2)} -> {fmt(c, 2)} = {ratio}")
+            lines.append(f"- {t}, {run}: " + "; ".join(parts))
+    return [*lines, "", "(current / baseline: >1 is better for tok/s, <1 is better for CPU and TTFT)", ""]
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, code: dict[str, Any]) -> str:
+    header = ["target", "scenario", "ok", "req/s", "out tok/s", "server CPU ms / out tok", "TTFT p50 / p99 (ms)",
+              "TPOT p50 / p99 (ms)", "ITL p50 / p99 (ms)", "E2E p50 / p99 (s)"]
     rows, checks = [], []
-    for target, res in results.items():
+    for key, res in results.items():
         for name, s in res.get("runs", {}).items():
             e2e = [None if v is None else v / 1000 for v in (s["e2e_p50_ms"], s["e2e_p99_ms"])]
-            rows.append([f"{target} ({TARGETS[target]})", name, f"{s['completed']}/{s['completed'] + s['failed']}",
-                         fmt(s["req_s"], 2), fmt(s["output_tok_s"]),
+            rows.append([f"{key} ({res['description']})", name, f"{s['completed']}/{s['completed'] + s['failed']}",
+                         fmt(s["req_s"], 2), fmt(s["output_tok_s"]), fmt(s["server_cpu_ms_per_tok"], 2),
                          f"{fmt(s['ttft_p50_ms'])} / {fmt(s['ttft_p99_ms'])}",
                          f"{fmt(s['tpot_p50_ms'])} / {fmt(s['tpot_p99_ms'])}",
                          f"{fmt(s['itl_p50_ms'])} / {fmt(s['itl_p99_ms'])}", f"{fmt(e2e[0], 2)} / {fmt(e2e[1], 2)}"])
-    for name, base in results.get("vllm", {}).get("runs", {}).items():
+    for vkey, vres in results.items():  # vs vLLM's own server in the same round, current code only
+        if vres["target"] != "vllm":
+            continue
         for t, want in (("mf-vllm", 0.95), ("mf-native", 1.0)):
-            if not (run := results.get(t, {}).get("runs", {}).get(name)):
-                continue
-            r, d = run["output_tok_s"] / base["output_tok_s"], run["ttft_p50_ms"] - base["ttft_p50_ms"]
-            goal = f" (target <= +10 ms: {'reached' if d <= 10 else 'NOT reached'})" if t == "mf-vllm" else ""
-            checks.append(f"- {name}: {t} / vllm output tok/s = {r:.3f}x (target >= {want:g}x: "
-                          f"{'reached' if r >= want else 'NOT reached'}); TTFT p50 {d:+.1f} ms{goal}")
+            other = next((r for r in results.values() if r["target"] == t and not r["baseline"]
+                          and r["round"] == vres["round"]), {})
+            for name, base in vres.get("runs", {}).items():
+                if not (run := other.get("runs", {}).get(name)):
+                    continue
+                r, d = run["output_tok_s"] / base["output_tok_s"], run["ttft_p50_ms"] - base["ttft_p50_ms"]
+                goal = f" (target <= +10 ms: {'reached' if d <= 10 else 'NOT reached'})" if t == "mf-vllm" else ""
+                checks.append(f"- {name}{vkey.removeprefix('vllm')}: {t} / vllm output tok/s = {r:.3f}x (target >= "
+                              f"{want:g}x: {'reached' if r >= want else 'NOT reached'}); TTFT p50 {d:+.1f} ms{goal}")
     keys = ["models_ms", "one_token_ms", "lone_ttft_ms", "lone_e2e_ms", "replica_info_ms", "replica_one_token_ms",
             "router_one_token_ms"]
-    probe_rows = [[f"{t} ({TARGETS[t]})", *(fmt(r["probe"].get(k)) for k in keys), fmt(r["startup_s"], 0)]
-                  for t, r in results.items() if "probe" in r]
+    probe_rows = [[k, *(fmt(r["probe"].get(p)) for p in keys), fmt(r["startup_s"], 0)]
+                  for k, r in results.items() if "probe" in r]
     lines = [markdown_table(header, rows), ""]
+    if args.baseline:
+        lines += before_after(results, code, args)
     if checks:
         lines += ["Targets of the issue (vs vLLM's own server):", "", *checks, ""]
     if probe_rows:
@@ -364,7 +371,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
                                   "handle: router 1-token", "startup (s)"], probe_rows),
                   "", "(ms; 1-token requests have an 8-token prompt; handle calls are made from a Ray driver on the "
                   "same node, not over HTTP)", ""]
-    lines += [f"- {t}: FAILED: {r['error']}" for t, r in results.items() if "error" in r]
+    lines += ["Server CPU: user + system CPU s of the server's process tree during each measured load (sampled "
+              "every 0.5 s) / its output tokens.", ""]
+    lines += [f"- {k}: FAILED: {r['error']}" for k, r in results.items() if "error" in r]
     return "\n".join(lines)
 
 
@@ -378,6 +387,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="max requests in flight, default 16 (--quick: 4)")
     p.add_argument("--request-rate", default="inf", help="Poisson rate(s) in req/s, comma-separated; inf: all at once")
     p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated from {', '.join(TARGETS)}")
+    p.add_argument("--baseline", metavar="REF", help="git ref: add <target>@REF for each modelfleet target")
+    p.add_argument("--rounds", type=int, default=1, help="run the whole sequence of targets this many times")
     p.add_argument("--quick", action="store_true", help="small defaults: a smoke test")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -399,6 +410,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown:
         p.error(f"unknown targets {unknown}; choose from {list(TARGETS)}")
+    if args.baseline and all(t == "vllm" for t in args.targets):
+        p.error("--baseline needs a modelfleet target (mf-native, mf-vllm)")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    if args.baseline and subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
+                                         f"{args.baseline}^{{commit}}"], capture_output=True).returncode:
+        p.error(f"--baseline {args.baseline!r} is not a commit of this repository")
     args.model = str(Path(args.model).resolve())
     return args
 
@@ -413,14 +431,26 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info() | {"load_start": os.getloadavg()[0]}
     command = " ".join([".venv/bin/python benchmarks/serving.py", *sys.argv[1:]])
     t0 = time.perf_counter()
-    results = {t: run_target(t, args, int(config["vocab_size"])) for t in args.targets}
-    table = report(results, args)
+    code: dict[str, Any] = {"current": code_facts(), "baseline": None}
+    results: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        if args.baseline:
+            worktree, code["baseline"] = stack.enter_context(git_worktree(args.baseline))
+            print(f"baseline {args.baseline} = {code['baseline']['commit'][:10]}, checked out in {worktree}")
+        for rnd in range(1, args.rounds + 1):
+            for t in args.targets:  # the twin of a modelfleet target runs first, right before it
+                for baseline in ([True, False] if args.baseline and t != "vllm" else [False]):
+                    key = (f"{t}@{args.baseline}" if baseline else t) + (f" r{rnd}" if args.rounds > 1 else "")
+                    desc = TARGETS[t] + (f", code of {code['baseline']['commit'][:10]}" if baseline else "")
+                    res = run_target(key, t, worktree if baseline else ROOT, args, int(config["vocab_size"]))
+                    results[key] = res | {"target": t, "baseline": baseline, "round": rnd, "description": desc}
+    table = report(results, args, code)
     print(f"\n{args.num_prompts} prompts, {args.input_len} in / {args.output_len} out, ignore_eos, float32, "
           f"max_num_seqs {args.max_num_seqs}, KV {args.kv_cache_bytes / 2**30:g} GiB; model {args.model}\n")
     print(table)
     out = args.json or OUT_DIR / f"serving{'-quick' if args.quick else ''}.json"
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "launch")}
-    out.write_text(json.dumps({"machine": machine, "command": command, "settings": settings,
+    out.write_text(json.dumps({"machine": machine, "command": command, "settings": settings, "code": code,
                                "engine_options": engine_options(args), "total_s": time.perf_counter() - t0,
                                "results": results, "markdown": table}, indent=1, default=str))
     print(f"\nraw results: {out}")
