@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -116,6 +117,10 @@ class LLMServer:
         """Process ids of the engine's processes (engine process, tensor-parallel ranks); for operators and
         fault-injection tests."""
         return await asyncio.to_thread(self.engine.process_ids)
+
+    async def pids(self) -> dict[str, Any]:
+        """This replica's process id and its engine's (for fault-injection tests and operators)."""
+        return {"replica": os.getpid(), "engine": await asyncio.to_thread(self.engine.process_ids)}
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> Chunk | ErrorInfo:
         """The whole completion as one Chunk (text and token ids accumulated once), or the ErrorInfo."""

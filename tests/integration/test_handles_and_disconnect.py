@@ -8,6 +8,8 @@ import httpx
 import pytest
 from ray import serve
 
+from deployments.messages import ErrorInfo, GenerateRequest
+from parallel.sampling_params import SamplingParams
 from tests.integration.conftest import APP
 
 CODE = "def fibonacci(n):"
@@ -30,14 +32,19 @@ def test_app_handle_unary_and_streaming(server):
 @pytest.mark.parametrize("engine", ["native", "vllm"])
 def test_deployment_handle_generate(server, engine):
     model = serve.get_deployment_handle(engine, app_name=APP)
-    req = {"prompt": CODE, "sampling": {"max_tokens": 10, "temperature": 0, "ignore_eos": True}}
+    req = GenerateRequest("handle-test", prompt=CODE,
+                          params=SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
     whole = model.generate.remote(req).result()
-    assert whole["completion_tokens"] == 10 and whole["finish_reason"] == "length"
+    assert whole.completion_tokens == 10 and whole.finish_reason == "length"
     parts = list(model.options(stream=True).generate_stream.remote(req))
-    assert "".join(p["text"] for p in parts) == whole["text"]
-    assert sum(len(p["token_ids"]) for p in parts) == 10
-    bad = model.generate.remote({"prompt": CODE, "sampling": {"temperature": -1}}).result()
-    assert bad["status"] == 400 and bad["error"]["param"] == "temperature"
+    assert "".join(p.text for p in parts) == whole.text
+    assert sum(len(p.token_ids) for p in parts) == 10 and parts[-1].completion_tokens == 10
+    # The same as a plain dict (``params``: SamplingParams fields), for callers without our types.
+    as_dict = model.generate.remote({"prompt": CODE, "params": {"max_tokens": 10, "temperature": 0,
+                                                                "ignore_eos": True}}).result()
+    assert as_dict.text == whole.text
+    bad = model.generate.remote({"prompt": CODE, "params": {"temperature": -1}}).result()
+    assert isinstance(bad, ErrorInfo) and bad.status == 400 and bad.param == "temperature"
 
 
 def test_embedding_deployment_handle(server):

@@ -25,7 +25,7 @@ def sse_events(response: httpx.Response) -> list[dict | str]:
 def test_models_and_health(client):
     ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert ids == {"native", "vllm", "tight", "tp2", "native-spec", "native-spec-sep", "vllm-spec",
-                   "minilm"}
+                   "victim", "minilm"}
     health = client.get("/health")
     assert health.status_code == 200 and set(health.json()["models"].values()) == {"ready"}
 
