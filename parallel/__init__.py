@@ -5,7 +5,8 @@
 """
 
 from parallel.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from parallel.engine import EngineStats, LLMEngine
+from parallel.engine import LLMEngine
+from parallel.engine_stats import EngineStats
 from parallel.llm import LLM
 from parallel.outputs import CompletionOutput, RequestOutput
 from parallel.sampling_params import SamplingParams

@@ -1,11 +1,11 @@
-"""The asyncio front of the engine, for servers: ``generate`` as an async iterator, ``abort``, ``stats``.
+"""The asyncio front of the native engine, for servers: the ``engine_api.Engine`` interface.
 
-The engine's step loop runs in one background thread (torch releases the GIL inside kernels, so the event
-loop stays responsive). Callers never touch the engine: they post commands to a queue, and the loop thread
-hands a step's outputs back with one ``call_soon_threadsafe`` per event loop (not one per request: each wakeup
-costs the loop a syscall and a GIL hand-off). A caller that finds several outputs queued takes them merged.
-A caller that stops iterating (a client that disconnects) aborts its request, which frees its KV blocks
-before the next step.
+The step loop runs in a background thread (``engine_loop.ThreadLoop``) or in a child process of its own
+(``engine_supervisor.ProcessLoop``, restarted in place when it dies). Callers never touch the engine: they
+post commands, and the loop hands each step's deltas back with one ``call_soon_threadsafe`` per event loop
+(not one per request: each wakeup costs the loop a syscall and a GIL hand-off). A caller that finds several
+deltas queued takes them merged. A caller that stops iterating (a client that disconnects) aborts its
+request, which frees its KV blocks before the next step.
 """
 
 from __future__ import annotations
@@ -13,126 +13,123 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 from parallel.config import EngineConfig
-from parallel.engine import EngineStats, LLMEngine
-from parallel.engine_core import EngineCoreClient, OutputAccumulator
+from parallel.engine import LLMEngine
+from parallel.engine_api import EngineInfo
+from parallel.engine_loop import EngineLoop, ThreadLoop
+from parallel.engine_messages import AddRequest
+from parallel.engine_stats import EngineStats
+from parallel.engine_supervisor import ProcessLoop, RestartBudget
+from parallel.errors import EngineDeadError, EngineError, InvalidRequestError
 from parallel.inputs import encode_prompt
-from parallel.outputs import RequestOutput, merge_outputs
+from parallel.outputs import OutputDelta, merge_deltas
 from parallel.sampling_params import SamplingParams
 
+__all__ = ["AsyncEngine", "EngineDeadError"]
+
 logger = logging.getLogger(__name__)
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed; requests in flight cannot finish."""
 
 
 class _Stream:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[OutputDelta | BaseException] = asyncio.Queue()
+        self._pending: OutputDelta | BaseException | None = None  # taken from the queue, not merged
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item: OutputDelta | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # that caller's loop is closed: nobody listens any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
-    async def get(self) -> RequestOutput | BaseException:
-        """The next item; consecutive outputs already queued come merged into one."""
-        item = await self.queue.get()
-        while isinstance(item, RequestOutput) and not item.finished and not self.queue.empty():
+    async def get(self) -> OutputDelta | BaseException:
+        """The next item; consecutive deltas already queued come merged into one. An error comes alone,
+        after the tokens before it (merging it in would drop them with the raise)."""
+        item, self._pending = self._pending, None
+        if item is None:
+            item = await self.queue.get()
+        while isinstance(item, OutputDelta) and not item.finished and not self.queue.empty():
             nxt = self.queue.get_nowait()
-            if isinstance(nxt, BaseException):
-                return nxt
-            item = merge_outputs(item, nxt)
+            if not isinstance(nxt, OutputDelta) or nxt.error is not None:
+                self._pending = nxt
+                break
+            item = merge_deltas(item, nxt)
         return item
 
 
-def _deliver(batch: list[tuple[_Stream, RequestOutput]]) -> None:
-    """Runs on the callers' event loop: hand one step's outputs to their streams."""
-    for stream, out in batch:
-        stream.queue.put_nowait(out)
+def _deliver(batch: list[tuple[_Stream, OutputDelta]]) -> None:
+    """Runs on the callers' event loop: hand one step's deltas to their streams."""
+    for stream, delta in batch:
+        stream.queue.put_nowait(delta)
 
 
 class AsyncEngine:
     """Serves many concurrent async callers from one engine loop: a thread of this process, or (with
-    ``engine_process=True``) a child process that owns the model (``parallel.engine_core``), relayed by a
-    reader thread here.
+    ``engine_process=True``) a supervised child process that owns the model.
 
     Example:
         >>> engine = AsyncEngine.from_options("models/tiny-code-llama", engine_process=True)
-        >>> async for out in engine.generate("r1", "def f():", SamplingParams(max_tokens=8)):
-        ...     print(out.outputs[0].delta_text, end="")
+        >>> ids = engine.encode_prompt("def f():")
+        >>> async for delta in engine.generate("r1", ids, SamplingParams(max_tokens=8)):
+        ...     print(delta.text, end="")
     """
 
-    def __init__(self, engine: LLMEngine | None = None, core: EngineCoreClient | None = None) -> None:
-        if (engine is None) == (core is None):
-            raise ValueError("give exactly one of engine (in-process loop) and core (engine process)")
-        self.engine, self.core = engine, core
-        facts: Any = engine if engine is not None else core
-        self.config: EngineConfig = facts.config
-        self.tokenizer = facts.tokenizer
-        self.max_model_len: int = facts.max_model_len
-        self._vocab_size: int = facts.vocab_size
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+    def __init__(self, config: EngineConfig, proposer: Any = None, engine_process: bool = False,
+                 restart_budget: RestartBudget | None = None) -> None:
+        self.config = config
+        self._lock = threading.Lock()  # streams: event-loop threads register, the loop's thread dispatches
         self._streams: dict[str, _Stream] = {}
-        self._acc: dict[str, OutputAccumulator] = {}  # engine process: cumulative outputs rebuilt from deltas
-        self._wake = threading.Event()
-        self._stop = False
-        self.error: BaseException | None = None
-        self._stats = engine.stats() if engine is not None else core.initial_stats  # type: ignore[union-attr]
-        self._interval = self.config.scheduler.stream_interval
-        self._held: dict[str, RequestOutput] = {}  # loop thread only: outputs waiting for stream_interval tokens
-        target = self._run if engine is not None else self._relay
-        self._thread = threading.Thread(target=target, name="engine-loop", daemon=True)
-        self._thread.start()
+        self._held: dict[str, OutputDelta] = {}  # under _lock: deltas waiting for stream_interval tokens
+        self._interval = config.scheduler.stream_interval
+        self._loop: EngineLoop
+        if engine_process:
+            if proposer is not None or config.parallel.tensor_parallel_size > 1:
+                raise ValueError("engine_process runs one rank without a remote draft")
+            self._loop = ProcessLoop(config, self, restart_budget)
+        else:
+            self._loop = ThreadLoop(LLMEngine(config, proposer), self)
+        self.mode = "process" if engine_process else "thread"
+        self.tokenizer = self._loop.tokenizer
+        self.max_model_len: int = self._loop.max_model_len
+        self.vocab_size: int = self._loop.vocab_size
 
     @classmethod
     def from_options(cls, path: str, proposer: Any = None, engine_process: bool = False,
                      **options: Any) -> AsyncEngine:
-        """``engine_process``: run the step loop in a child process (one rank, no remote draft)."""
+        """``engine_process``: run the step loop in a child process (where it applies: one rank, no remote
+        draft; otherwise in a thread)."""
         config = EngineConfig.from_options(path, **options)
-        if engine_process and proposer is None and config.parallel.tensor_parallel_size == 1:
-            return cls(core=EngineCoreClient(config))
-        return cls(LLMEngine(config, proposer))
+        use_process = engine_process and proposer is None and config.parallel.tensor_parallel_size == 1
+        return cls(config, proposer, use_process)
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    # ---- the Engine interface ---------------------------------------------------------------------------
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo("native", self.max_model_len, self.vocab_size)
+
+    def encode_prompt(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """Validate and tokenize (thread-safe: reads only immutable engine facts)."""
-        return encode_prompt(prompt, self.tokenizer, self._vocab_size, self.max_model_len)
+        return encode_prompt(prompt, self.tokenizer, self.vocab_size, self.max_model_len, param)
 
-    def is_alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[OutputDelta]:
+        """Deltas of one request; the last one has ``finished=True``.
 
-    def check_health(self) -> None:
-        """Raises when the loop died or a model rank is gone (call from a thread: it may block briefly)."""
-        if not self.is_alive():
-            raise EngineDeadError(f"engine loop is not running: {self.error!r}")
-        if self.engine is not None:
-            self.engine.check_health()
-        elif not self.core.is_alive():  # type: ignore[union-attr]
-            raise EngineDeadError("engine process exited")
-
-    # ---- public API -------------------------------------------------------------------------------------
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Incremental outputs of one request; the last one has ``finished=True``.
-
-        Bad input raises ValueError before anything is queued. Leaving the loop early aborts the request.
+        Raises ``InvalidRequestError`` (bad ids, a request the engine refuses), ``RequestFailedError`` (this
+        request failed inside the engine), ``EngineDeadError`` (the engine is down or restarting; at once,
+        before anything is queued). Leaving the loop early aborts the request.
         """
-        if self.error is not None:
-            raise EngineDeadError(f"engine loop failed: {self.error!r}")
-        ids = self.encode_prompt(prompt)  # validate here, so bad input raises in the caller
+        ids = self.encode_prompt(prompt_ids)  # cheap for ids; a bad one raises here, in the caller
         stream = _Stream(asyncio.get_running_loop())
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        self._streams[request_id] = stream
-        if self.core is not None:
-            self._acc[request_id] = OutputAccumulator(prompt if isinstance(prompt, str) else None, tuple(ids),
-                                                      params.logprobs is not None)
-        self._post("add", (request_id, prompt, params))
+        with self._lock:  # with on_dead's lock: a request registered here is either served or failed
+            if not self._loop.is_ready():
+                raise EngineDeadError(self._loop.not_ready_reason)
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        self._loop.add(AddRequest(request_id, ids, params))
         finished = False
         try:
             while True:
@@ -140,6 +137,9 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                if item.error is not None:
+                    finished = True
+                    raise item.error
                 finished = item.finished
                 yield item
                 if finished:
@@ -150,141 +150,74 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its KV blocks are freed before the next step."""
-        self._post("abort", request_id)
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._held.pop(request_id, None)
+        self._loop.abort(request_id)
 
     def stats(self) -> EngineStats:
         """The snapshot published after the latest step (thread-safe)."""
-        return self._stats
+        return self._loop.stats()
+
+    def is_ready(self) -> bool:
+        return self._loop.is_ready()
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError when the engine cannot recover by itself (call from a thread: with
+        tensor parallelism it pings the ranks)."""
+        self._loop.check_health()
+
+    def process_ids(self) -> list[int]:
+        """The engine process's pid (process mode), or the tensor-parallel ranks' pids; empty otherwise."""
+        return self._loop.process_ids()
 
     def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=10)
-        if self.engine is not None:
-            self.engine.shutdown()
-        else:
-            self.core.shutdown()  # type: ignore[union-attr]
+        self._loop.shutdown()
 
-    # ---- the loop thread --------------------------------------------------------------------------------
-    def _post(self, kind: str, payload: Any) -> None:
-        if self.core is not None:  # the engine process reads its own pipe: no local queue
-            if kind == "abort":
-                self._streams.pop(payload, None)
-                self._acc.pop(payload, None)
-                self._held.pop(payload, None)
-            with contextlib.suppress(BrokenPipeError, OSError):  # a dead process is reported by the relay
-                self.core.send(kind, payload)
-            return
-        self._commands.put((kind, payload))
-        self._wake.set()
-
-    def _drain_commands(self) -> None:
-        assert self.engine is not None
-        while True:
-            try:
-                kind, payload = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                request_id, prompt, params = payload
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except ValueError as err:
-                    stream = self._streams.pop(request_id, None)
-                    if stream is not None:
-                        stream.put(err)
-            else:
-                self.engine.abort(payload)
-                self._streams.pop(payload, None)
-                self._held.pop(payload, None)
-
-    def _run(self) -> None:
-        assert self.engine is not None
-        while not self._stop:
-            self._drain_commands()
-            if not self.engine.has_unfinished():
-                self._stats = self.engine.stats()
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as err:  # a bug or a device failure: fail loudly, never hang callers
-                logger.exception("engine step failed")
-                self._fail(err)
-                return
-            self._dispatch(outputs)
-            self._stats = self.engine.stats()
-
-    def _relay(self) -> None:
-        """Engine process mode: read step results from the child and hand them to the streams."""
-        core = self.core
-        assert core is not None
-        while not self._stop:
-            try:
-                if not core.poll(0.5):
-                    if not core.is_alive() and not self._stop:
-                        self._fail(RuntimeError("engine process exited"))
-                        return
+    # ---- the Sink (called from the loop's thread) -------------------------------------------------------
+    def on_outputs(self, deltas: list[OutputDelta]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, OutputDelta]]] = {}
+        with self._lock:
+            for delta in deltas:
+                stream = self._streams.get(delta.request_id)
+                if stream is None:  # aborted meanwhile
+                    self._held.pop(delta.request_id, None)
                     continue
-                kind, payload = core.recv()
-            except (EOFError, OSError) as err:
-                if not self._stop:
-                    self._fail(RuntimeError(f"engine process connection lost: {err!r}"))
-                return
-            if kind == "outputs":
-                deltas, self._stats = payload
-                outputs = []
-                for d in deltas:
-                    acc = self._acc.get(d.request_id)
-                    if acc is None:
-                        continue  # aborted meanwhile
-                    outputs.append(acc.add(d))
-                    if d.finished:
-                        self._acc.pop(d.request_id, None)
-                self._dispatch(outputs)
-            elif kind == "stats":
-                self._stats = payload
-            elif kind == "rejected":
-                request_id, message = payload
-                self._acc.pop(request_id, None)
-                stream = self._streams.pop(request_id, None)
-                if stream is not None:
-                    stream.put(ValueError(message))
-            elif kind == "dead":
-                self._fail(RuntimeError(payload))
-                return
-
-    def _fail(self, err: BaseException) -> None:
-        self.error = err
-        for stream in list(self._streams.values()):
-            stream.put(EngineDeadError(f"engine step failed: {err!r}"))
-        self._streams.clear()
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None and self._interval > 1:
-                out = self._hold(out)
-                if out is None:
-                    continue
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, out))
-                if out.finished:
-                    self._streams.pop(out.request_id, None)
+                if self._interval > 1:
+                    held = self._hold(delta)
+                    if held is None:
+                        continue
+                    delta = held
+                by_loop.setdefault(stream.loop, []).append((stream, delta))
+                if delta.finished:
+                    del self._streams[delta.request_id]
         for loop, batch in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that caller's loop is closed: nobody listens any more
                 loop.call_soon_threadsafe(_deliver, batch)
 
-    def _hold(self, out: RequestOutput) -> RequestOutput | None:
-        """stream_interval > 1: merge a request's outputs until ``interval`` tokens are new; the first token
-        and the final output go at once. None: held for now."""
-        held = self._held.pop(out.request_id, None)
+    def on_rejected(self, request_id: str, error: EngineError) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(error)
+
+    def on_dead(self, error: EngineDeadError) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+            self._held.clear()
+        if streams:
+            logger.error("failing %d requests in flight: %s", len(streams), error.message)
+        for stream in streams:
+            stream.put(EngineDeadError(error.message))  # one instance per caller: tracebacks are per raise
+
+    def _hold(self, delta: OutputDelta) -> OutputDelta | None:
+        """stream_interval > 1: merge a request's deltas until ``interval`` tokens are new; the first token
+        and the final delta go at once. None: held for now."""
+        held = self._held.pop(delta.request_id, None)
         if held is not None:
-            out = merge_outputs(held, out)
-        c = out.outputs[0]
-        if out.finished or len(c.delta_token_ids) >= self._interval or len(c.token_ids) == len(c.delta_token_ids):
-            return out
-        self._held[out.request_id] = out
+            delta = merge_deltas(held, delta)
+        first = delta.num_output_tokens == len(delta.token_ids)
+        if delta.finished or len(delta.token_ids) >= self._interval or first:
+            return delta
+        self._held[delta.request_id] = delta
         return None

@@ -70,7 +70,7 @@ class SchedulerConfig:
     Example: ``SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024)``.
     """
 
-    max_num_seqs: int = 64
+    max_num_seqs: int = 32
     max_num_batched_tokens: int = 1024
     enable_chunked_prefill: bool = True
     # Tokens per streamed chunk (vLLM's --stream-interval): 1 sends every token at once; n > 1 holds a
@@ -159,22 +159,19 @@ class EngineConfig:
             raise ValueError("compile with tensor_parallel_size > 1 is not supported yet (ranks run eager)")
 
     @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """Every flat option ``from_options`` accepts: the field names of the layer configs (one vocabulary,
+        shared by the vLLM adapter's option table and the cluster schema)."""
+        return frozenset(f.name for klass in _OWNERS.values() for f in dataclasses.fields(klass)) - {"path"}
+
+    @classmethod
     def from_options(cls, path: str, **options: Any) -> EngineConfig:
-        """Build from flat, vLLM-style keyword options (``dtype=``, ``max_num_seqs=``, ``block_size=`` ...)."""
+        """Build from flat keyword options named as the layer configs' fields (``dtype=``, ``max_num_seqs=``,
+        ``block_size=``, ``kv_cache_memory_bytes=``, ``draft_path=`` ...); any other name is a TypeError."""
         parts: dict[str, dict[str, Any]] = {}
-        owners = {
-            "model": ModelConfig,
-            "cache": CacheConfig,
-            "scheduler": SchedulerConfig,
-            "parallel": ParallelConfig,
-            "speculative": SpeculativeConfig,
-        }
-        aliases = {"kv_cache_memory": "kv_cache_memory_bytes", "num_gpu_blocks_override": "num_blocks",
-                   "speculative_model": "draft_path", "draft": "draft_path"}
         for key, value in options.items():
-            key = aliases.get(key, key)
-            for part, klass in owners.items():
-                if key in {f.name for f in dataclasses.fields(klass)}:
+            for part, klass in _OWNERS.items():
+                if key != "path" and key in {f.name for f in dataclasses.fields(klass)}:
                     parts.setdefault(part, {})[key] = value
                     break
             else:
@@ -186,3 +183,12 @@ class EngineConfig:
             parallel=ParallelConfig(**parts.get("parallel", {})),
             speculative=SpeculativeConfig(**parts.get("speculative", {})),
         )
+
+
+_OWNERS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+    "speculative": SpeculativeConfig,
+}

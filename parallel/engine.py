@@ -1,7 +1,12 @@
-"""The engine: validated requests in, a step loop of schedule -> run -> update -> detokenize, outputs out.
+"""The engine: validated requests in, a step loop of schedule -> run -> update -> detokenize, deltas out.
 
-Synchronous and single-threaded by design; ``async_engine.AsyncEngine`` drives it from a thread for servers
-and ``llm.LLM`` drives it in a loop for offline batches.
+Synchronous and single-threaded by design; ``async_engine.AsyncEngine`` drives it from a thread or a child
+process for servers and ``llm.LLM`` drives it in a loop for offline batches.
+
+Each step returns one ``OutputDelta`` per request that changed: only what is new (token ids, text,
+logprobs), so a step costs the same whatever the outputs' lengths. A failure while handling one request
+(detokenizing, stop strings, logprobs, building its delta) finishes that request alone with a
+``RequestFailedError`` in its final delta; a failed model step fails the requests it ran. The engine goes on.
 """
 
 from __future__ import annotations
@@ -16,40 +21,31 @@ import torch
 from parallel.block_manager import BlockManager
 from parallel.config import EngineConfig
 from parallel.detokenizer import IncrementalDetokenizer
+from parallel.draft_service import ServiceProposer
+from parallel.engine_stats import EngineStats
+from parallel.errors import ContextLengthError, EngineDeadError, InvalidRequestError, RequestFailedError
 from parallel.executor import make_executor
+from parallel.faults import FaultPlan
 from parallel.inputs import encode_prompt
 from parallel.model_runner import kv_bytes_per_block
 from parallel.models.llama import LlamaArgs
 from parallel.models.loader import check_model_folder, checkpoint_dtype, read_json, weight_files
-from parallel.outputs import CompletionOutput, RequestOutput, cumulative_logprob
+from parallel.outputs import OutputDelta
 from parallel.request import Request, RequestStatus
 from parallel.sampling_params import SamplingParams
-from parallel.scheduler import Scheduler
+from parallel.scheduler import Scheduler, StepResult
 from parallel.speculative import Proposer
 from parallel.tokenizer import Tokenizer
+
+__all__ = ["EngineStats", "LLMEngine"]
 
 logger = logging.getLogger(__name__)
 
 _CPU_KV_BYTES = 1 << 30
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for routers and autoscalers."""
-
-    num_waiting: int
-    num_running: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    kv_usage: float
-    prefix_hit_rate: float
-    tokens_per_s: float  # generated tokens per second over the last ``window_s``
-    num_preemptions: int
-    num_aborted: int = 0  # requests stopped before finishing (client disconnects, explicit aborts)
-    spec_acceptance_rate: float = 0.0  # accepted / proposed draft tokens
-    spec_mean_tokens_per_step: float = 0.0  # tokens emitted per verification step (accepted + 1)
-    window_s: float = 10.0
+# Consecutive failed model steps after which the engine calls itself unhealthy: one bad step is a request's
+# problem, several in a row (with different requests) are the device's or the model's.
+MAX_FAILED_STEPS = 3
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,14 +74,23 @@ def _eos_ids(folder: str) -> tuple[int, ...]:
     return ()
 
 
+@dataclass
+class _Live:
+    """A request that has not had its final delta yet, with its output state."""
+
+    request: Request
+    detok: IncrementalDetokenizer | None
+
+
 class LLMEngine:
     """Continuous-batching inference over a paged KV cache.
 
     Example:
         >>> engine = LLMEngine(EngineConfig.from_options("models/tiny-code-llama"))
         >>> engine.add_request("r1", "def fibonacci(n):", SamplingParams(max_tokens=16, temperature=0))
+        >>> text = ""
         >>> while engine.has_unfinished():
-        ...     outputs = engine.step()
+        ...     text += "".join(d.text for d in engine.step())
     """
 
     def __init__(self, config: EngineConfig, proposer: Proposer | None = None) -> None:
@@ -110,10 +115,13 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
                                    num_lookahead=config.speculative.num_speculative_tokens)
         self.executor = make_executor(config, self.device, self.dtype, self.num_blocks, self.max_model_len, proposer)
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._logprobs: dict[str, list[dict[int, float]]] = {}
+        self._remote_draft = proposer if isinstance(proposer, ServiceProposer) else None
+        self._live: dict[str, _Live] = {}
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
+        self._failed_steps = 0  # consecutive
+        self._fault = FaultPlan.from_env()  # test-only; None outside fault-injection tests
         self.num_aborted = 0
+        self.num_failed = 0
         logger.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d", mc.path,
                     self.device, self.dtype, self.num_blocks, cc.block_size, self.max_model_len)
 
@@ -144,93 +152,142 @@ class LLMEngine:
         return num_blocks
 
     # ---- requests ---------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        """Validate and tokenize a prompt; raises ValueError saying what is wrong."""
-        return encode_prompt(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
+    def encode_prompt(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """Validate and tokenize a prompt; raises InvalidRequestError / ContextLengthError naming ``param``."""
+        return encode_prompt(prompt, self.tokenizer, self.vocab_size, self.max_model_len, param)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Admit a request, or raise ``InvalidRequestError`` before it touches the batch. Everything per
+        request that can fail (its seeded generator) is created here, not inside a step."""
         ids = self.encode_prompt(prompt)
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+        if request_id in self._live:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                                      param="stop_token_ids")
         needed = min(len(ids) + params.max_tokens, self.max_model_len)
         capacity = self.num_blocks * self.config.cache.block_size
         if needed > capacity:
-            raise ValueError(f"request needs {needed} tokens of KV cache but the cache holds {capacity}")
+            raise ContextLengthError(f"request needs {needed} tokens of KV cache but the cache holds {capacity}: "
+                                     f"lower max_tokens", param="max_tokens")
+        try:
+            self.executor.add_request(request_id, params)
+        except (RuntimeError, ValueError, OverflowError) as err:  # e.g. a seed torch refuses
+            raise InvalidRequestError(f"cannot admit request: {err}", param="seed" if params.seed is not None
+                                      else None) from err
         request = Request(request_id, ids, params, self.eos_token_ids, prompt if isinstance(prompt, str) else None)
         self.scheduler.add(request)
-        if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params)
-        if params.logprobs is not None:
-            self._logprobs[request_id] = []
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params) if self.tokenizer is not None else None
+        self._live[request_id] = _Live(request, detok)
 
-    def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request and free its KV blocks at once; unknown ids are ignored."""
-        request = self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
-        if request is None:
+    def abort(self, request_id: str) -> OutputDelta | None:
+        """Stop a request and free its KV blocks at once; its final delta (None for unknown ids)."""
+        live = self._live.pop(request_id, None)
+        if live is None:
             return None
+        self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
         self.num_aborted += 1
-        return self._output(request, [])
+        r = live.request
+        text = live.detok.take_delta(True) if live.detok is not None else ""
+        return OutputDelta(request_id, (), text, True, "abort", None, None, r.num_prompt_tokens,
+                           r.num_output_tokens, r.num_cached_tokens)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def healthy(self) -> bool:
+        """False after MAX_FAILED_STEPS model steps failed in a row: the device or model is broken."""
+        return self._failed_steps < MAX_FAILED_STEPS
+
     def check_health(self) -> None:
-        """Raises when a model rank is gone (tensor parallelism); cheap for one in-process rank."""
+        """Raises when a model rank is gone (tensor parallelism) or steps keep failing; cheap otherwise."""
+        if not self.healthy:
+            raise EngineDeadError(f"the last {self._failed_steps} model steps all failed")
         self.executor.check_health()
+
+    def process_ids(self) -> list[int]:
+        """Tensor-parallel ranks' process ids (empty for one in-process rank)."""
+        return self.executor.worker_pids()
 
     def shutdown(self) -> None:
         self.executor.shutdown()
 
     # ---- the step ---------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        sched_out = self.scheduler.schedule()
-        result = self.executor.execute(sched_out)
-        changed = self.scheduler.update(sched_out, result)
-        outputs = []
-        now = time.monotonic()
+    def step(self) -> list[OutputDelta]:
+        """One step: the new deltas. Never raises for a request's sake (failures become error deltas)."""
+        try:
+            sched_out = self.scheduler.schedule()
+        except Exception as err:  # a scheduler bug: its state is suspect, so every request ends here
+            logger.exception("scheduling failed: failing all %d requests", len(self._live))
+            return self.fail_all(err)
+        try:
+            result = self.executor.execute(sched_out)
+            changed = self.scheduler.update(sched_out, result)
+        except Exception as err:  # the model step (or its bookkeeping) failed: only its requests end
+            self._failed_steps += 1
+            logger.exception("model step failed: failing its %d requests", len(sched_out.scheduled))
+            self.scheduler.restore_finished(sched_out.finished_request_ids)  # the runner may not have seen them
+            return self._fail([s.request_id for s in sched_out.scheduled], err)
+        self._failed_steps = 0
+        deltas = []
         new_tokens = 0
         for request, appended in changed:
-            rid = request.request_id
-            fresh = request.output_token_ids[-appended:]
             new_tokens += appended
-            if result.logprobs and rid in result.logprobs and rid in self._logprobs:
-                self._logprobs[rid].extend(result.logprobs[rid][: len(fresh)])
-            detok = self._detok.get(rid)
-            if detok is not None:
-                detok.push(fresh)
-                if detok.stop_reason is not None and not request.status.finished:
-                    self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
-            outputs.append(self._output(request, fresh))
+            try:
+                deltas.append(self._emit(request, appended, result))
+            except Exception as err:  # this request alone: the rest of the batch goes on
+                logger.exception("request %s failed", request.request_id)
+                deltas.extend(self._fail([request.request_id], err))
         if new_tokens:
-            self._token_times.append((now, new_tokens))
-        return outputs
+            self._token_times.append((time.monotonic(), new_tokens))
+        return deltas
 
-    def _output(self, request: Request, fresh: list[int]) -> RequestOutput:
+    def _emit(self, request: Request, appended: int, result: StepResult) -> OutputDelta:
+        """Per-request output work of a step: detokenize, match stop strings, take logprobs, build the delta."""
         rid = request.request_id
+        live = self._live[rid]
+        fresh = request.output_token_ids[-appended:]
+        if self._fault is not None:
+            self._fault.check(rid, request.num_output_tokens)
+        lps = None
+        if request.params.logprobs is not None:
+            lps = tuple((result.logprobs or {})[rid][:appended])  # missing ones are a bug: fail this request
+        text, stop_reason = "", None
+        if live.detok is not None:
+            live.detok.push(fresh)
+            if live.detok.stop_reason is not None and not request.status.finished:
+                self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED)
+            text, stop_reason = live.detok.take_delta(request.status.finished), live.detok.stop_reason
         finished = request.status.finished
-        detok = self._detok.get(rid)
-        stop_reason: str | int | None = None
-        if detok is not None:
-            delta, text = detok.take_delta(finished), detok.text
-            stop_reason = detok.stop_reason
-        else:
-            delta, text = "", ""
         if stop_reason is None and request.status == RequestStatus.FINISHED_STOPPED:
             last = request.output_token_ids[-1]
             stop_reason = last if last in request.params.stop_token_ids else None
-        lps = self._logprobs.get(rid)
         if finished:
-            self._detok.pop(rid, None)
-            self._logprobs.pop(rid, None)
-        completion = CompletionOutput(
-            index=0, text=text, token_ids=tuple(request.output_token_ids),
-            finish_reason=request.status.value if finished else None,
-            delta_text=delta, delta_token_ids=tuple(fresh),
-            logprobs=tuple(lps) if lps is not None else None,
-            cumulative_logprob=cumulative_logprob(lps, request.output_token_ids),
-            stop_reason=stop_reason)
-        return RequestOutput(rid, request.prompt, tuple(request.prompt_token_ids), (completion,), finished,
-                             request.num_cached_tokens)
+            del self._live[rid]
+        return OutputDelta(rid, tuple(fresh), text, finished, request.status.value if finished else None,
+                           stop_reason, lps, request.num_prompt_tokens, request.num_output_tokens,
+                           request.num_cached_tokens)
+
+    def fail_all(self, err: Exception) -> list[OutputDelta]:
+        """Finish every request in flight with a RequestFailedError (a bug outside any one request's work)."""
+        return self._fail(list(self._live), err)
+
+    def _fail(self, request_ids: list[str], err: Exception) -> list[OutputDelta]:
+        """Finish these requests (blocks freed) with a RequestFailedError in their final deltas."""
+        deltas = []
+        for rid in request_ids:
+            live = self._live.pop(rid, None)
+            if live is None:
+                continue  # already given its final delta (or aborted)
+            self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
+            self.num_failed += 1
+            r = live.request
+            error = RequestFailedError(f"request {rid!r} failed inside the engine: {type(err).__name__}: {err}")
+            deltas.append(OutputDelta(rid, (), "", True, "abort", None, None, r.num_prompt_tokens,
+                                      r.num_output_tokens, r.num_cached_tokens, error))
+        return deltas
 
     # ---- stats ------------------------------------------------------------------------------------------
     def stats(self, window_s: float = 10.0) -> EngineStats:
@@ -238,12 +295,15 @@ class LLMEngine:
         while self._token_times and self._token_times[0][0] < now - window_s:
             self._token_times.popleft()
         bm, sched = self.block_manager, self.scheduler
+        draft = self._remote_draft
         return EngineStats(
             num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
             kv_blocks_used=bm.num_used_blocks, kv_blocks_total=bm.num_blocks, kv_usage=bm.usage,
             prefix_hit_rate=bm.prefix_hit_rate, tokens_per_s=sum(n for _, n in self._token_times) / window_s,
-            num_preemptions=self.scheduler.num_preemptions, num_aborted=self.num_aborted,
+            num_preemptions=self.scheduler.num_preemptions, num_aborted=self.num_aborted, num_failed=self.num_failed,
             spec_acceptance_rate=sched.num_accepted_tokens / sched.num_draft_tokens if sched.num_draft_tokens else 0.0,
             spec_mean_tokens_per_step=(1 + sched.num_accepted_tokens / sched.num_verify_steps
                                        if sched.num_verify_steps else 0.0),
+            draft_calls=draft.calls if draft is not None else 0,
+            draft_call_ms=1e3 * draft.call_seconds / max(draft.calls, 1) if draft is not None else 0.0,
             window_s=window_s)

@@ -3,15 +3,13 @@
 In a server process the step loop shares one GIL with the event loop that streams tokens out: every torch op
 releases and retakes the GIL, and while the event loop holds it (serialising chunks for many streams) the
 step waits, so steps stretch under load. A spawned child owns the model, the KV cache and the scheduler; the
-parent keeps only the tokenizer (to validate prompts at once) and talks over a pipe:
+parent keeps only the tokenizer (to validate prompts at once) and talks over a pipe in the typed messages of
+``parallel.engine_messages``. Only deltas cross the pipe, so the bytes per step do not grow with the length
+of the outputs.
 
-- parent -> child: ``("add", (request_id, prompt, params))``, ``("abort", request_id)``, ``("stop", None)``;
-- child -> parent: ``("outputs", ([OutputDelta...], EngineStats))`` after every step, ``("rejected",
-  (request_id, message))`` for a request the engine refused, ``("stats", EngineStats)`` when it goes idle,
-  ``("dead", message)`` when a step failed.
-
-Only deltas cross the pipe (new token ids, new text, new logprobs); the parent rebuilds vLLM-shaped
-cumulative outputs, so the bytes per step do not grow with the length of the outputs.
+The child never dies for one request's sake (``LLMEngine.step`` turns a request's failure into its error
+delta); it exits when told to stop, when the parent is gone, or after reporting ``DEAD`` (steps keep failing).
+``EngineCoreClient`` is one child's lifetime; ``engine_supervisor.ProcessLoop`` restarts a dead one.
 """
 
 from __future__ import annotations
@@ -19,63 +17,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import pickle
 import threading
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+import time
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from parallel.config import EngineConfig
-from parallel.outputs import CompletionOutput, RequestOutput, cumulative_logprob
+from parallel.engine_messages import AddRequest, Msg, Ready, Rejected, StepOutputs
+from parallel.errors import EngineDeadError, EngineError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class OutputDelta:
-    """What one step added to one request."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    stop_reason: str | int | None
-    logprobs: tuple[dict[int, float], ...] | None
-    num_cached_tokens: int
-
-
-def to_delta(out: RequestOutput) -> OutputDelta:
-    c = out.outputs[0]
-    n = len(c.delta_token_ids)
-    lps = c.logprobs[len(c.logprobs) - n:] if c.logprobs is not None else None
-    return OutputDelta(out.request_id, c.delta_token_ids, c.delta_text, out.finished, c.finish_reason,
-                       c.stop_reason, lps, out.num_cached_tokens)
-
-
-@dataclass
-class OutputAccumulator:
-    """Parent side: one request's cumulative output, rebuilt from deltas."""
-
-    prompt: str | None
-    prompt_token_ids: tuple[int, ...]
-    want_logprobs: bool
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-
-    def add(self, d: OutputDelta) -> RequestOutput:
-        self.text += d.text
-        self.token_ids.extend(d.token_ids)
-        if d.logprobs:
-            self.logprobs.extend(d.logprobs)
-        lps = tuple(self.logprobs) if self.want_logprobs else None
-        completion = CompletionOutput(
-            index=0, text=self.text, token_ids=tuple(self.token_ids), finish_reason=d.finish_reason,
-            delta_text=d.text, delta_token_ids=d.token_ids, logprobs=lps,
-            cumulative_logprob=cumulative_logprob(lps, self.token_ids),
-            stop_reason=d.stop_reason)
-        return RequestOutput(d.request_id, self.prompt, self.prompt_token_ids, (completion,), d.finished,
-                             d.num_cached_tokens)
+def _portable(err: BaseException) -> BaseException:
+    """The error itself when it survives pickling (the parent re-raises the same type), else its text."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return err
 
 
 def _core_main(config: EngineConfig, conn: Connection) -> None:
@@ -85,17 +46,27 @@ def _core_main(config: EngineConfig, conn: Connection) -> None:
     try:
         engine = LLMEngine(config)
     except BaseException as err:  # reported to the parent, which raises it
-        conn.send(("failed", f"{type(err).__name__}: {err}"))
+        conn.send((Msg.FAILED, _portable(err)))
         return
-    eos = list(engine.eos_token_ids)
-    conn.send(("ready", {"max_model_len": engine.max_model_len, "vocab_size": engine.vocab_size,
-                         "eos_token_ids": eos, "stats": engine.stats()}))
+    conn.send((Msg.READY, Ready(engine.max_model_len, engine.vocab_size, tuple(engine.eos_token_ids),
+                                engine.stats())))
     try:
         _serve(engine, conn)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone: nothing left to serve
     finally:
         engine.shutdown()
+
+
+def _add(engine: Any, conn: Connection, req: AddRequest) -> None:
+    try:
+        engine.add_request(req.request_id, req.prompt_ids, req.params)
+    except EngineError as err:  # typed: the parent raises it in the caller as is
+        conn.send((Msg.REJECTED, Rejected(req.request_id, err)))
+    except Exception as err:  # a bug at admission: this request alone fails
+        logger.exception("admitting request %s failed", req.request_id)
+        failed = RequestFailedError(f"request {req.request_id!r} failed at admission: {type(err).__name__}: {err}")
+        conn.send((Msg.REJECTED, Rejected(req.request_id, failed)))
 
 
 def _serve(engine: Any, conn: Connection) -> None:
@@ -105,43 +76,39 @@ def _serve(engine: Any, conn: Connection) -> None:
         while conn.poll(timeout):
             kind, payload = conn.recv()
             timeout = 0.0
-            if kind == "stop":
+            if kind is Msg.STOP:
                 return
-            if kind == "add":
-                request_id, prompt, params = payload
-                try:
-                    engine.add_request(request_id, prompt, params)
-                except ValueError as err:
-                    conn.send(("rejected", (request_id, str(err))))
-            elif kind == "abort":
+            if kind is Msg.ADD:
+                _add(engine, conn, payload)
+            elif kind is Msg.ABORT:
                 engine.abort(payload)
         if not engine.has_unfinished():
             if busy:  # went idle: publish the final numbers once (blocks freed, nothing running)
-                conn.send(("stats", engine.stats()))
+                conn.send((Msg.STATS, engine.stats()))
                 busy = False
             continue
         busy = True
-        try:
-            outputs = engine.step()
-        except Exception as err:  # a bug or a device failure: tell the parent, which fails every stream
-            logger.exception("engine step failed")
-            conn.send(("dead", f"{type(err).__name__}: {err}"))
+        deltas = engine.step()  # never raises for a request's sake: failures are error deltas
+        conn.send((Msg.OUTPUTS, StepOutputs(deltas, engine.stats())))
+        if not engine.healthy:  # steps keep failing: the device or model is broken; let the parent restart us
+            conn.send((Msg.DEAD, "model steps keep failing"))
             return
-        conn.send(("outputs", ([to_delta(o) for o in outputs], engine.stats())))
 
 
 class EngineCoreClient:
-    """Starts the engine in a spawned child process and relays commands and step results.
+    """One engine child process: spawned at construction (returns once its engine is built), then a pipe.
+
+    ``wait`` wakes when a message arrives *or* the child dies (it waits on the process sentinel too), so a
+    SIGKILLed child is noticed at once, not after a poll period.
 
     Example:
         >>> core = EngineCoreClient(EngineConfig.from_options("models/tiny-code-llama"))
-        >>> core.send("add", ("r1", "def f():", SamplingParams(max_tokens=4)))
-        >>> kind, payload = core.recv()  # ("outputs", ([OutputDelta(...)], EngineStats(...)))
+        >>> core.send(Msg.ADD, AddRequest("r1", [1, 2, 3], SamplingParams(max_tokens=4)))
+        >>> core.wait(1.0) and core.recv()   # (Msg.OUTPUTS, StepOutputs([OutputDelta(...)], EngineStats(...)))
     """
 
-    def __init__(self, config: EngineConfig, start_timeout_s: float = 600.0) -> None:
-        from parallel.tokenizer import Tokenizer
-
+    def __init__(self, config: EngineConfig, start_timeout_s: float = 600.0,
+                 cancel: threading.Event | None = None) -> None:
         self.config = config
         ctx = multiprocessing.get_context("spawn")  # never fork a process that holds Ray's or torch's threads
         self._conn, child = ctx.Pipe()
@@ -149,42 +116,65 @@ class EngineCoreClient:
         self.process = ctx.Process(target=_core_main, args=(config, child), name="modelfleet-engine-core",
                                    daemon=True)
         self.process.start()
-        child.close()
-        if not self._conn.poll(start_timeout_s):
-            self.process.kill()
-            raise RuntimeError(f"engine process did not start within {start_timeout_s:.0f} s")
+        child.close()  # the child holds the only write end left: its death reads as EOF here
+        try:
+            self.ready = self._wait_ready(start_timeout_s, cancel)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_ready(self, timeout_s: float, cancel: threading.Event | None) -> Ready:
+        deadline = time.monotonic() + timeout_s
+        while not self.wait(0.2):
+            if cancel is not None and cancel.is_set():
+                raise EngineDeadError("engine process start cancelled (shutting down)")
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"engine process did not start within {timeout_s:.0f} s")
         try:
             kind, payload = self._conn.recv()
         except EOFError as err:
-            raise RuntimeError(f"engine process exited during start-up (exit code {self.process.exitcode})") from err
-        if kind == "failed":
-            self.process.join(timeout=10)
-            raise RuntimeError(f"engine process failed to start: {payload}")
-        self.max_model_len: int = payload["max_model_len"]
-        self.vocab_size: int = payload["vocab_size"]
-        self.initial_stats = payload["stats"]
-        mc = config.model
-        self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer.from_folder(mc.path, payload["eos_token_ids"])
+            raise EngineDeadError(f"engine process exited during start-up (exit code {self.exitcode})") from err
+        if kind is Msg.FAILED:
+            raise payload
+        if kind is not Msg.READY:
+            raise EngineDeadError(f"engine process sent {kind} before READY")
+        return payload
 
-    def send(self, kind: str, payload: Any) -> None:
-        with self._send_lock:  # callers on several threads (event loop, health checks) share one pipe
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        self.process.join(timeout=1.0)  # only asked once it is gone: let it be reaped
+        return self.process.exitcode
+
+    def send(self, kind: Msg, payload: Any) -> None:
+        with self._send_lock:  # callers on several threads (event loops, health checks) share one pipe
             self._conn.send((kind, payload))
 
-    def poll(self, timeout: float) -> bool:
-        return self._conn.poll(timeout)
+    def wait(self, timeout: float) -> bool:
+        """True when a message is waiting or the child is gone (then ``recv`` raises EOFError)."""
+        return bool(wait([self._conn, self.process.sentinel], timeout))
 
-    def recv(self) -> tuple[str, Any]:
+    def poll(self) -> bool:
+        return self._conn.poll(0)
+
+    def recv(self) -> tuple[Msg, Any]:
         return self._conn.recv()
 
     def is_alive(self) -> bool:
         return self.process.is_alive()
 
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self._conn.close()
+
     def shutdown(self) -> None:
         if self.process.is_alive():
             with contextlib.suppress(BrokenPipeError, OSError):
-                self.send("stop", None)
+                self.send(Msg.STOP, None)
             self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join(timeout=5)
-        self._conn.close()
+        self.kill()

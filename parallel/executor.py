@@ -13,6 +13,7 @@ import torch
 from parallel.config import EngineConfig
 from parallel.model_runner import ModelRunner
 from parallel.models.loader import load_model
+from parallel.sampling_params import SamplingParams
 from parallel.scheduler import SchedulerOutput, StepResult
 from parallel.speculative import DraftProposer, Proposer
 
@@ -20,11 +21,15 @@ from parallel.speculative import DraftProposer, Proposer
 class Executor(Protocol):
     """What the engine needs from the ranks."""
 
+    def add_request(self, request_id: str, params: SamplingParams) -> None: ...
+
     def execute(self, out: SchedulerOutput) -> StepResult: ...
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor: ...
 
     def check_health(self) -> None: ...
+
+    def worker_pids(self) -> list[int]: ...
 
     def shutdown(self) -> None: ...
 
@@ -53,6 +58,9 @@ class UniProcExecutor:
         self.runner = ModelRunner(model, num_blocks, config.cache.block_size, config.model.seed, proposer=proposer,
                                   compile=config.model.compile)
 
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        self.runner.add_request(request_id, params)
+
     def execute(self, out: SchedulerOutput) -> StepResult:
         return self.runner.execute(out)
 
@@ -61,6 +69,9 @@ class UniProcExecutor:
 
     def check_health(self) -> None:
         return None
+
+    def worker_pids(self) -> list[int]:
+        return []
 
     def shutdown(self) -> None:
         return None

@@ -8,7 +8,8 @@ from typing import Any
 
 from parallel.config import EngineConfig
 from parallel.engine import LLMEngine
-from parallel.outputs import RequestOutput
+from parallel.errors import InvalidRequestError
+from parallel.outputs import RequestOutput, RequestOutputBuilder
 from parallel.sampling_params import SamplingParams
 from parallel.tokenizer import Tokenizer
 
@@ -24,7 +25,8 @@ def normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[str | list[int
         if isinstance(p, dict):
             p = p.get("prompt_token_ids", p.get("prompt"))
         if not isinstance(p, str | list):
-            raise ValueError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
+            raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}",
+                                      param="prompt")
         out.append(p)
     return out
 
@@ -50,7 +52,9 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; returns outputs in prompt order.
 
-        All prompts are validated before any runs, so a bad one raises ValueError and nothing is left queued.
+        All prompts are validated before any runs, so a bad one raises InvalidRequestError (a ValueError) and
+        nothing is left queued. A request that fails inside the engine raises its RequestFailedError (the
+        others are aborted).
         """
         plist = normalize_prompts(prompts)
         if sampling_params is None:
@@ -60,19 +64,23 @@ class LLM:
         params = list(sampling_params)
         if len(params) != len(plist):
             raise ValueError(f"got {len(plist)} prompts but {len(params)} sampling params")
-        for p in plist:
-            self.engine.encode_prompt(p)
+        encoded = [self.engine.encode_prompt(p) for p in plist]
         ids = [f"offline-{next(self._ids)}" for _ in plist]
-        for rid, p, sp in zip(ids, plist, params, strict=True):
-            self.engine.add_request(rid, p, sp)
-        done: dict[str, RequestOutput] = {}
+        builders = {rid: RequestOutputBuilder(rid, p if isinstance(p, str) else None, tuple(e))
+                    for rid, p, e in zip(ids, plist, encoded, strict=True)}
+        for rid, e, sp in zip(ids, encoded, params, strict=True):
+            self.engine.add_request(rid, e, sp)
+        done: set[str] = set()
         try:
             while len(done) < len(ids):
-                for out in self.engine.step():
-                    if out.finished:
-                        done[out.request_id] = out
+                for delta in self.engine.step():
+                    if delta.error is not None:
+                        raise delta.error
+                    builders[delta.request_id].add(delta)
+                    if delta.finished:
+                        done.add(delta.request_id)
         finally:
             for rid in ids:
                 if rid not in done:
                     self.engine.abort(rid)
-        return [done[rid] for rid in ids]
+        return [builders[rid].build() for rid in ids]

@@ -12,6 +12,7 @@ from parallel.compiled import ModelForward
 from parallel.layers.attention import AttentionMetadata, PrefillSeq
 from parallel.models.llama import LlamaArgs, LlamaForCausalLM
 from parallel.sampler import Sampler, logprob_entry
+from parallel.sampling_params import SamplingParams
 from parallel.scheduler import ScheduledRequest, SchedulerOutput, StepResult
 from parallel.speculative import DraftWork, Proposer, verify
 
@@ -48,6 +49,12 @@ class ModelRunner:
             self.kv_caches.append(attn.kv_cache)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(seed))
         self._generators: dict[str, torch.Generator] = {}
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        """Create the request's own resources now, at admission, so whatever can fail (a seed torch refuses)
+        fails before the request joins a batch."""
+        if params.seed is not None:
+            self._generators[request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:

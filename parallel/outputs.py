@@ -1,20 +1,20 @@
-"""What the engine returns, shaped like vLLM's outputs (``out.outputs[0].text``) with shortcuts (``out.text``)."""
+"""What the engine returns: ``OutputDelta``s while it runs (the unit every boundary carries), and, for the
+offline API, whole ``RequestOutput``s shaped like vLLM's (``out.outputs[0].text``, shortcut ``out.text``)
+accumulated once from the deltas by ``RequestOutputBuilder``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class CompletionOutput:
-    """The generated continuation so far. ``delta_*`` hold what is new since the previous output."""
+    """A finished continuation (offline API)."""
 
     index: int
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None  # "stop", "length", "abort" or None while running
-    delta_text: str = ""
-    delta_token_ids: tuple[int, ...] = ()
     logprobs: tuple[dict[int, float], ...] | None = None  # per generated token: {token id: logprob}
     cumulative_logprob: float | None = None
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
@@ -22,7 +22,7 @@ class CompletionOutput:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """One request's output.
+    """One request's whole output (offline API).
 
     Example:
         >>> out = LLM("models/tiny-code-llama").generate(["def f():"], SamplingParams(max_tokens=8))[0]
@@ -50,16 +50,86 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
-def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """One output equivalent to ``first`` then ``later`` of the same request: cumulative fields from ``later``,
-    deltas concatenated. A consumer that fell behind takes everything queued as one item (as vLLM's output
-    collector does), so a busy server sends fewer, larger chunks instead of falling further behind."""
-    a, b = first.outputs[0], later.outputs[0]
-    merged = replace(b, delta_text=a.delta_text + b.delta_text, delta_token_ids=a.delta_token_ids + b.delta_token_ids)
-    return replace(later, outputs=(merged, *later.outputs[1:]))
+@dataclass(frozen=True, slots=True)
+class OutputDelta:
+    """What the engine added to one request since its previous delta: the unit that crosses every boundary
+    (engine -> engine process pipe -> replica -> router). Sizes do not grow with the output's length;
+    ``num_output_tokens`` is the running count (an int, not a copy).
+
+    ``error`` is set (and ``finished`` true) when this request alone failed inside the engine.
+
+    Example:
+        >>> d = OutputDelta("r1", (5, 9), "ab", finished=False, num_prompt_tokens=3, num_output_tokens=2)
+        >>> merge_deltas(d, OutputDelta("r1", (7,), "c", True, "length", num_output_tokens=3)).text
+        'abc'
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    stop_reason: str | int | None = None
+    logprobs: tuple[dict[int, float], ...] | None = None  # one entry per token of ``token_ids``
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # generated so far, including these
+    num_cached_tokens: int = 0
+    error: Exception | None = None  # a parallel.errors.EngineError for this request alone
+
+
+def merge_deltas(first: OutputDelta, later: OutputDelta) -> OutputDelta:
+    """One delta equivalent to ``first`` then ``later`` of the same request (a lagging consumer takes what
+    is queued as one item, as vLLM's output collector does)."""
+    lps = None
+    if first.logprobs is not None or later.logprobs is not None:
+        lps = (first.logprobs or ()) + (later.logprobs or ())
+    return OutputDelta(later.request_id, first.token_ids + later.token_ids, first.text + later.text,
+                       later.finished, later.finish_reason, later.stop_reason, lps, later.num_prompt_tokens,
+                       later.num_output_tokens, later.num_cached_tokens, later.error)
 
 
 def cumulative_logprob(logprobs: tuple[dict[int, float], ...] | list[dict[int, float]] | None,
                        token_ids: tuple[int, ...] | list[int]) -> float | None:
     """Sum of the chosen tokens' logprobs (None without logprobs)."""
     return sum(e[t] for e, t in zip(logprobs, token_ids, strict=False)) if logprobs else None
+
+
+@dataclass
+class RequestOutputBuilder:
+    """Accumulates one request's deltas, once, into its whole RequestOutput (offline API, tests).
+
+    Example:
+        >>> b = RequestOutputBuilder("r1", None, (1, 2))
+        >>> b.add(OutputDelta("r1", (5,), "a", False)); b.add(OutputDelta("r1", (6,), "b", True, "length"))
+        >>> b.build().text
+        'ab'
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...]
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] | None = None
+    last: OutputDelta | None = None
+
+    def add(self, delta: OutputDelta) -> None:
+        self.text.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        self.last = delta
+
+    def build(self) -> RequestOutput:
+        last = self.last
+        lps = tuple(self.logprobs) if self.logprobs is not None else None
+        completion = CompletionOutput(
+            index=0, text="".join(self.text), token_ids=tuple(self.token_ids),
+            finish_reason=last.finish_reason if last is not None else None, logprobs=lps,
+            cumulative_logprob=cumulative_logprob(lps, self.token_ids),
+            stop_reason=last.stop_reason if last is not None else None)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, (completion,),
+                             last.finished if last is not None else False,
+                             last.num_cached_tokens if last is not None else 0)

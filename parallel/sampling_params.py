@@ -1,20 +1,50 @@
-"""Per-request sampling parameters, validated at construction (shaped like vLLM's SamplingParams)."""
+"""Per-request sampling parameters, validated at construction (shaped like vLLM's SamplingParams).
+
+Every field is bounded to what the engine can hold, so no value a client sends can fail inside a step: a
+seed must fit torch's 64-bit generator, top_k a torch int64 tensor, max_tokens an int32 count. An invalid
+value raises ``InvalidRequestError`` with ``param`` naming the field (the server's 400 names it too).
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
+
+from parallel.errors import InvalidRequestError
+
+INT32_MAX = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch.Generator.manual_seed's signed 64-bit range
+MAX_TEMPERATURE = 1e4  # beyond this every distribution is uniform to float32 precision anyway
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _bad(param: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{param} {message}", param=param)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    temperature 0 means greedy. top_k <= 0 (or -1) disables top-k; top_p 1.0 disables nucleus sampling.
-    A seed makes the request reproducible whatever else is in the batch (it owns its generator).
+    temperature 0 means greedy. top_k <= 0 (or -1) disables top-k (a top_k above the vocabulary size keeps
+    every token, i.e. is off as well); top_p 1.0 disables nucleus sampling. A seed makes the request
+    reproducible whatever else is in the batch (it owns its generator).
 
     Example:
         >>> SamplingParams(max_tokens=32, temperature=0.8, top_p=0.95, seed=7).greedy
         False
+        >>> SamplingParams(seed=2**64)
+        Traceback (most recent call last):
+        parallel.errors.InvalidRequestError: seed must be an integer in [-9223372036854775808, 9223372036854775807], ...
     """
 
     max_tokens: int = 16
@@ -33,34 +63,34 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # Accept lists / a single string for convenience, store tuples so the object stays hashable and frozen.
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        elif self.stop is None:
-            object.__setattr__(self, "stop", ())
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
         self._validate()
 
     def _validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled), 0 (disabled) or a positive integer, got {self.top_k!r}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
+            raise _bad("max_tokens", f"must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:  # also refuses nan
+            raise _bad("temperature", f"must be a finite number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
+        if not _is_real(self.top_p) or not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise _bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT32_MAX:
+            raise _bad("top_k", f"must be -1 or 0 (disabled) or an integer up to {INT32_MAX}, got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise _bad("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise _bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise _bad("min_tokens", f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            raise _bad("stop", f"must be non-empty strings, got {self.stop!r}")
+        if any(not _is_int(t) or not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            raise _bad("stop_token_ids", f"must be non-negative integers, got {self.stop_token_ids!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, f"must be a boolean, got {getattr(self, name)!r}")
         if self.n != 1:
-            raise ValueError(f"n must be 1 (parallel sampling is not supported), got {self.n}")
+            raise _bad("n", f"must be 1 (parallel sampling is not supported), got {self.n!r}")
 
     @property
     def greedy(self) -> bool:
@@ -70,3 +100,18 @@ class SamplingParams:
     def effective_top_k(self) -> int:
         """0 when top-k is disabled."""
         return max(self.top_k, 0)
+
+
+def _as_tuple(value: Any, param: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if param == "stop" else _fail_tuple(param, value)
+    try:
+        return tuple(value)
+    except TypeError:
+        return _fail_tuple(param, value)
+
+
+def _fail_tuple(param: str, value: Any) -> tuple:
+    raise _bad(param, f"must be a list, got {type(value).__name__}")

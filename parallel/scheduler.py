@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from parallel.block_manager import BlockManager
 from parallel.config import SchedulerConfig
+from parallel.errors import InvalidRequestError
 from parallel.request import Request, RequestStatus
 from parallel.sampling_params import SamplingParams
 
@@ -89,7 +90,7 @@ class Scheduler:
     # ---- queue ------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+            raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -109,6 +110,11 @@ class Scheduler:
         self.block_manager.free(request)
         self._finished_ids.add(request_id)
         return request
+
+    def restore_finished(self, request_ids: frozenset[str]) -> None:
+        """Hand these finished ids to the next step again (a failed step may not have delivered them to the
+        runner, which must drop their per-request state)."""
+        self._finished_ids |= request_ids
 
     # ---- one step ---------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -7,8 +7,9 @@ all-reduce each (Megatron-LM) — and only rank 0 samples. Inside a Serve replic
 group, the ranks take bundles 1..N of it (bundle 0 is the replica); elsewhere the executor reserves its own
 group (STRICT_PACK by default: collectives stay on one node; SPREAD for multi-node).
 
-A dead rank makes ``execute`` and ``check_health`` raise at once (Ray reports the actor's death), so the
-engine stops and Serve replaces the whole replica; rank actors are owned by it and die with it.
+A dead rank makes ``execute`` and ``check_health`` raise at once (Ray reports the actor's death): the step's
+requests fail with a typed error, the health check fails, and Serve replaces the whole replica; rank actors
+are owned by it and die with it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from parallel.config import EngineConfig
 from parallel.distributed.group import TPGroup
 from parallel.model_runner import ModelRunner
 from parallel.models.loader import load_model
+from parallel.sampling_params import SamplingParams
 from parallel.scheduler import SchedulerOutput, StepResult
 
 HEALTH_TIMEOUT_S = 10.0
@@ -109,6 +111,12 @@ class RayTPExecutor:
         threads = max(1, int(pc.cpus_per_worker))
         ray.get([w.start.remote(config, rank, world, f"tcp://{ip}:{port}", device.type, dtype, num_blocks, threads)
                  for rank, w in enumerate(self.workers)], timeout=pc.worker_start_timeout_s)
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        """Validate the request's per-request resources here (a round trip per request to every rank would
+        cost more); the ranks then create them on first use, where they can no longer fail."""
+        if params.seed is not None:
+            torch.Generator().manual_seed(params.seed)
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         ref = ray.put(out)

@@ -1,11 +1,19 @@
+"""AsyncEngine in both modes (a thread of this process, a supervised engine process): deltas, aborts,
+stream_interval, and the engine process's death and restart."""
+
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 
 import pytest
 
 from parallel import SamplingParams
-from parallel.async_engine import AsyncEngine, EngineDeadError
+from parallel.async_engine import AsyncEngine
+from parallel.engine_api import Engine
+from parallel.errors import EngineDeadError, InvalidRequestError
 
 
 @pytest.fixture(scope="module", params=["thread", "process"])
@@ -13,39 +21,46 @@ def engine(request, llama_path):
     """The step loop in a thread of this process, and in an engine process of its own: same behaviour."""
     eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
                                    engine_process=request.param == "process")
-    assert (eng.core is not None) == (request.param == "process")
+    assert eng.mode == request.param and isinstance(eng, Engine)
+    assert bool(eng.process_ids()) == (request.param == "process")
     yield eng
     eng.shutdown()
 
 
-def test_concurrent_streams_match_offline(engine, llama_llm):
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+async def _collect(engine: AsyncEngine, rid: str, ids: list[int], params: SamplingParams) -> list:
+    return [d async for d in engine.generate(rid, ids, params)]
+
+
+def test_deltas_concatenate_to_the_offline_output(engine, llama_llm):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     prompts = [[1, 2, 3], [1, 50, 60, 70, 80], [1, 9]]
 
-    async def one(i: int) -> list[int]:
-        tokens: list[int] = []
-        async for out in engine.generate(f"c{i}", prompts[i], params):
-            tokens.extend(out.outputs[0].delta_token_ids)
-            last = out
-        assert last.finished and list(last.outputs[0].token_ids) == tokens
-        return tokens
+    async def main() -> list[list]:
+        return await asyncio.gather(*(_collect(engine, f"c{i}", p, params) for i, p in enumerate(prompts)))
 
-    async def main() -> list[list[int]]:
-        return await asyncio.gather(*(one(i) for i in range(3)))
-
-    got = asyncio.run(main())
-    assert got == [o.token_ids for o in llama_llm.generate(prompts, params)]
+    offline = llama_llm.generate(prompts, params)
+    for deltas, want, prompt in zip(asyncio.run(main()), offline, prompts, strict=True):
+        assert [t for d in deltas for t in d.token_ids] == want.token_ids
+        got_lps = [e for d in deltas for e in d.logprobs]  # other batch shapes: equal up to float rounding
+        assert [list(e) for e in got_lps] == [list(e) for e in want.outputs[0].logprobs]
+        assert all(v == pytest.approx(w, abs=1e-4) for e, f in zip(got_lps, want.outputs[0].logprobs, strict=True)
+                   for v, w in zip(e.values(), f.values(), strict=True))
+        counts = [d.num_output_tokens for d in deltas]  # running counts, consistent with the deltas' sizes
+        assert counts == [sum(len(d.token_ids) for d in deltas[:i + 1]) for i in range(len(deltas))]
+        assert deltas[-1].finished and deltas[-1].finish_reason == "length" and deltas[-1].num_output_tokens == 12
+        assert not any(d.finished for d in deltas[:-1])
+        assert all(d.num_prompt_tokens == len(prompt) for d in deltas)
 
 
 def test_leaving_early_aborts_and_frees_blocks(engine):
     async def main() -> None:
         params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
         agen = engine.generate("leaver", [1, *range(3, 60)], params)
-        async for out in agen:
-            if len(out.outputs[0].token_ids) >= 3:
+        async for delta in agen:
+            if delta.num_output_tokens >= 3:
                 break
         await agen.aclose()  # what a disconnecting client's handler does
-        for _ in range(100):
+        for _ in range(500):
             await asyncio.sleep(0.02)
             if engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0:
                 return
@@ -55,17 +70,17 @@ def test_leaving_early_aborts_and_frees_blocks(engine):
 
 
 def test_bad_input_raises_in_the_caller_and_others_continue(engine):
-    async def main() -> list[int]:
-        with pytest.raises(ValueError, match="empty"):
-            async for _ in engine.generate("bad", [], SamplingParams()):
-                pass
-        tokens = []
-        async for out in engine.generate("ok", [1, 4], SamplingParams(max_tokens=4, ignore_eos=True)):
-            tokens = list(out.outputs[0].token_ids)
-        return tokens
+    async def main() -> list:
+        with pytest.raises(InvalidRequestError, match="empty"):
+            await _collect(engine, "bad", [], SamplingParams())
+        with pytest.raises(InvalidRequestError, match="stop_token_ids") as e:  # refused by the engine itself
+            await _collect(engine, "bad-stop", [1, 2], SamplingParams(stop_token_ids=[100_000]))
+        assert e.value.param == "stop_token_ids"
+        return await _collect(engine, "ok", [1, 4], SamplingParams(max_tokens=4, ignore_eos=True))
 
-    assert len(asyncio.run(main())) == 4
-    assert engine.is_alive()
+    assert asyncio.run(main())[-1].num_output_tokens == 4
+    assert engine.is_ready()
+    engine.check_health()
 
 
 @pytest.mark.parametrize("engine_process", [False, True])
@@ -75,12 +90,8 @@ def test_stream_interval_groups_tokens_and_keeps_the_text(llama_path, llama_llm,
     eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
                                    stream_interval=4, engine_process=engine_process)
     params = SamplingParams(max_tokens=11, temperature=0, ignore_eos=True)
-
-    async def main() -> list[tuple[int, ...]]:
-        return [out.outputs[0].delta_token_ids async for out in eng.generate("si", [1, 7, 8], params)]
-
     try:
-        chunks = asyncio.run(main())
+        chunks = [d.token_ids for d in asyncio.run(_collect(eng, "si", [1, 7, 8], params))]
     finally:
         eng.shutdown()
     # held back to 4 at a time; a consumer that lags may get several chunks merged, never smaller ones
@@ -90,22 +101,79 @@ def test_stream_interval_groups_tokens_and_keeps_the_text(llama_path, llama_llm,
     assert [t for c in chunks for t in c] == llama_llm.generate([[1, 7, 8]], params)[0].token_ids
 
 
-def test_engine_process_that_dies_fails_streams_and_health(llama_path):
+def _wait_until(predicate, bound_s: float = 300.0) -> bool:
+    """Poll with a generous bound (a correctness bound, not a timing assertion)."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_killed_engine_process_fails_streams_then_restarts_in_place(llama_path, llama_llm):
     eng = AsyncEngine.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32", block_size=8,
                                    engine_process=True)
     params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-
-    async def main() -> None:
-        n = 0
-        with pytest.raises(EngineDeadError):
-            async for _ in eng.generate("victim", [1, 5, 6], params):
-                n += 1
-                if n == 2:
-                    eng.core.process.kill()  # what the OOM killer would do
-        with pytest.raises(EngineDeadError):
-            eng.check_health()
-
+    short = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     try:
-        asyncio.run(main())
+        [pid] = eng.process_ids()
+
+        async def victims() -> None:
+            async def one(rid: str) -> None:
+                n = 0
+                async for _ in eng.generate(rid, [1, 5, 6], params):
+                    n += 1
+                    if n == 2 and rid == "victim-0":
+                        os.kill(pid, signal.SIGKILL)  # what the OOM killer would do
+            for outcome in await asyncio.gather(*(one(f"victim-{i}") for i in range(3)), return_exceptions=True):
+                assert isinstance(outcome, EngineDeadError), outcome
+
+        asyncio.run(victims())
+        if not eng.is_ready():  # restarting (it may already be back on a fast machine)
+            with pytest.raises(EngineDeadError, match="restarting"):
+                asyncio.run(_collect(eng, "too-early", [1, 2], short))
+        eng.check_health()  # one death is healed in place, not a reason to replace the replica
+        assert _wait_until(eng.is_ready), "the engine process did not come back"
+        assert eng.process_ids() and eng.process_ids() != [pid]
+        after = asyncio.run(_collect(eng, "after", [1, 2, 3], short))
+        assert [t for d in after for t in d.token_ids] == llama_llm.generate([[1, 2, 3]], short)[0].token_ids
     finally:
         eng.shutdown()
+
+
+def test_restarts_are_bounded_then_health_fails(llama_path):
+    from parallel.config import EngineConfig
+    from parallel.engine_supervisor import RestartBudget
+
+    config = EngineConfig.from_options(str(llama_path), skip_tokenizer_init=True, dtype="float32")
+    eng = AsyncEngine(config, engine_process=True, restart_budget=RestartBudget(max_restarts=1, window_s=3600))
+    try:
+        for _ in range(2):
+            [pid] = eng.process_ids() or [None]
+            if pid is None:
+                break
+            os.kill(pid, signal.SIGKILL)
+            assert _wait_until(lambda p=pid: eng.process_ids() != [p])
+            _wait_until(lambda: eng.is_ready() or _fails(eng.check_health))
+        assert _wait_until(lambda: _fails(eng.check_health)), "budget spent but health still passes"
+        assert not eng.is_ready()
+        with pytest.raises(EngineDeadError, match="giving up"):
+            asyncio.run(_collect(eng, "late", [1, 2], SamplingParams(max_tokens=2)))
+    finally:
+        eng.shutdown()
+
+
+def _fails(check) -> bool:
+    try:
+        check()
+    except EngineDeadError:
+        return True
+    return False
+
+
+def test_restart_budget_counts_within_its_window():
+    from parallel.engine_supervisor import RestartBudget
+
+    budget = RestartBudget(max_restarts=3, window_s=60)
+    assert [budget.allow(t) for t in (0, 10, 20, 30, 59.9, 60.5, 71)] == [True, True, True, False, False, True, True]

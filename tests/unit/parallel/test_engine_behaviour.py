@@ -9,6 +9,7 @@ import pytest
 from parallel import LLM, SamplingParams
 from parallel.config import EngineConfig
 from parallel.engine import LLMEngine
+from parallel.errors import ContextLengthError, InvalidRequestError
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
@@ -25,17 +26,19 @@ def _engine(path, **options) -> LLMEngine:
 def _run_staggered(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams],
                    join_steps: list[int]) -> dict[str, list[int]]:
     """Add request i at step join_steps[i]; run to completion; return token ids by request id."""
-    done: dict[str, list[int]] = {}
+    tokens: dict[str, list[int]] = {}
+    done: set[str] = set()
     step = 0
     while len(done) < len(prompts):
         for i, s in enumerate(join_steps):
             if s == step:
                 engine.add_request(f"r{i}", prompts[i], params[i])
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.token_ids
+        for delta in engine.step():
+            tokens.setdefault(delta.request_id, []).extend(delta.token_ids)
+            if delta.finished:
+                done.add(delta.request_id)
         step += 1
-    return done
+    return tokens
 
 
 def test_batch_invariance_greedy(llama_path, llama_llm):
@@ -127,20 +130,27 @@ def test_bad_prompts_raise_and_engine_keeps_serving(llama_path):
     engine = _engine(llama_path)
     engine.add_request("good-1", [1, 2, 3, 4], GREEDY)
     engine.step()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(InvalidRequestError, match="empty") as e:
         engine.add_request("bad-empty", [], GREEDY)
-    with pytest.raises(ValueError, match="context length"):
+    assert e.value.param == "prompt"
+    with pytest.raises(ContextLengthError, match="context length") as e:
         engine.add_request("bad-long", [5] * 300, GREEDY)
-    with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 512\)"):
+    assert (e.value.param, e.value.code) == ("prompt", "context_length_exceeded")
+    with pytest.raises(InvalidRequestError, match=r"token ids must be integers in \[0, 512\)"):
         engine.add_request("bad-id", [1, 99999], GREEDY)
-    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+    with pytest.raises(InvalidRequestError, match="text prompts need a tokenizer"):
         engine.add_request("bad-text", "hello", GREEDY)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids") as e:
+        engine.add_request("bad-stop", [1, 2], SamplingParams(stop_token_ids=[512]))
+    assert e.value.param == "stop_token_ids"
+    with pytest.raises(InvalidRequestError, match="already in use"):
+        engine.add_request("good-1", [1, 2], GREEDY)
     engine.add_request("good-2", [1, 9, 9], GREEDY)
     done = {}
     while engine.has_unfinished():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
+        done.update({d.request_id: d for d in engine.step() if d.finished})
     assert set(done) == {"good-1", "good-2"}
-    assert all(len(o.token_ids) == 16 for o in done.values())
+    assert all(d.num_output_tokens == 16 and d.error is None for d in done.values())
     assert engine.block_manager.num_used_blocks == 0
 
 

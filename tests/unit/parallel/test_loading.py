@@ -56,7 +56,11 @@ def test_config_validation():
         EngineConfig.from_options("m", tensor_parallel_size=2, placement_strategy="RANDOM")
     with pytest.raises(TypeError, match="unknown engine option 'bogus'"):
         EngineConfig.from_options("m", bogus=1)
-    assert EngineConfig.from_options("m", kv_cache_memory=1 << 20).cache.kv_cache_memory_bytes == 1 << 20
+    assert EngineConfig.from_options("m", kv_cache_memory_bytes=1 << 20).cache.kv_cache_memory_bytes == 1 << 20
+    for alias in ("kv_cache_memory", "num_gpu_blocks_override", "speculative_model", "draft"):
+        with pytest.raises(TypeError, match="unknown engine option"):  # one vocabulary: the field names
+            EngineConfig.from_options("m", **{alias: 1})
+    assert EngineConfig.from_options("m").scheduler.max_num_seqs == 32  # the one stated default
 
 
 def test_tensor_parallel_size_must_divide_the_heads(llama_path):
