@@ -99,7 +99,7 @@ class Router:
             path = path[len(root):]
         path = path.rstrip("/") or "/"
         headers = {k.lower(): v for k, v in request.headers.items()}
-        rid = request_id(headers)
+        rid = request_id(headers)  # Serve's proxy put the client's id (or one of its own) in x-request-id
         try:
             handler = self.routes.get((method, path))
             if handler is None:
@@ -113,7 +113,8 @@ class Router:
         except Exception:  # a bug: still OpenAI's body, logged with the request id
             logger.exception("request %s %s %s failed", rid, method, path)
             response = error_response(ErrorInfo(500, f"internal error (request {rid})", code="internal_error"))
-        response.headers["x-request-id"] = rid
+        if headers.get("x-request-id") != rid:  # Serve's proxy echoes the id it forwarded; add ours only if new
+            response.headers["x-request-id"] = rid
         return response
 
     async def _http_completions(self, a: Admitted) -> Response:
