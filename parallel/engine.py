@@ -33,8 +33,9 @@ from parallel.models.loader import check_model_folder, checkpoint_dtype, read_js
 from parallel.outputs import OutputDelta
 from parallel.request import Request, RequestStatus
 from parallel.sampling_params import SamplingParams
-from parallel.scheduler import Scheduler, StepResult
+from parallel.scheduler import Scheduler
 from parallel.speculative import Proposer
+from parallel.step_messages import StepResult
 from parallel.tokenizer import Tokenizer
 
 __all__ = ["EngineStats", "LLMEngine"]

@@ -14,8 +14,8 @@ from parallel.config import EngineConfig
 from parallel.model_runner import ModelRunner
 from parallel.models.loader import load_model
 from parallel.sampling_params import SamplingParams
-from parallel.scheduler import SchedulerOutput, StepResult
 from parallel.speculative import DraftProposer, Proposer
+from parallel.step_messages import SchedulerOutput, StepResult
 
 
 class Executor(Protocol):

@@ -13,8 +13,8 @@ from parallel.layers.attention import AttentionMetadata, PrefillSeq
 from parallel.models.llama import LlamaArgs, LlamaForCausalLM
 from parallel.sampler import Sampler, logprob_entry
 from parallel.sampling_params import SamplingParams
-from parallel.scheduler import ScheduledRequest, SchedulerOutput, StepResult
 from parallel.speculative import DraftWork, Proposer, verify
+from parallel.step_messages import ScheduledRequest, SchedulerOutput, StepResult
 
 
 def kv_bytes_per_block(args: LlamaArgs, tp_size: int, block_size: int, dtype: torch.dtype) -> int:

@@ -15,57 +15,19 @@ recompute; outputs already produced are kept, so the answer does not change).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from parallel.block_manager import BlockManager
 from parallel.config import SchedulerConfig
 from parallel.errors import InvalidRequestError
 from parallel.request import Request, RequestStatus
-from parallel.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    """One request's share of a step: compute KV for ``token_ids`` at positions ``start_pos...``."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    start_pos: int
-    block_table: tuple[int, ...]
-    sample: bool  # the chunk reaches the last known token, so the step samples the next one
-    params: SamplingParams
-    num_draft: int = 0  # the last num_draft token ids are speculative proposals for the target to verify
-    resumed: bool = False  # first step since (re)admission: per-request device state starts over here
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    """What runs this step. Immutable: the runner reads it and never touches the scheduler's state."""
-
-    scheduled: tuple[ScheduledRequest, ...]
-    finished_request_ids: frozenset[str]  # finished since the last step: the runner may drop their state
-    num_preempted: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.scheduled)
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What the runner produced: the sampled token ids (and optional logprobs) per sampled request."""
-
-    sampled: dict[str, tuple[int, ...]]
-    logprobs: dict[str, tuple[dict[int, float], ...]] | None = None
-    drafts: dict[str, tuple[int, ...]] | None = None  # next step's proposals, per request
-    num_accepted: dict[str, int] | None = None  # proposals accepted this step, per verified request
+from parallel.step_messages import ScheduledRequest, SchedulerOutput, StepResult
 
 
 class Scheduler:
     """Decides, each step, which requests run and how many of their tokens.
 
     Example:
-        >>> from parallel.sampling_params import SamplingParams
+        >>> from parallel.step_messages import ScheduledRequest, SchedulerOutput, StepResult
         >>> s = Scheduler(SchedulerConfig(max_num_batched_tokens=8), BlockManager(16, 4), max_model_len=64)
         >>> s.add(Request("a", list(range(12)), SamplingParams()))
         >>> [len(x.token_ids) for x in s.schedule().scheduled]  # chunked prefill: 8 of the 12 tokens

@@ -1,4 +1,4 @@
-"""The serving-engine interface of ``async_engine.AsyncEngine``, over vLLM's AsyncLLM (vLLM v1).
+"""The ``engine_api.Engine`` interface over vLLM's AsyncLLM (vLLM v1), as ``async_engine.AsyncEngine`` has it.
 
 Prompts are tokenized by our Tokenizer (the same tokenizer.json vLLM reads) and passed as token ids, so
 validation and errors are identical across engines; vLLM detokenizes. Stats come from a stat logger that
@@ -8,29 +8,32 @@ keeps vLLM's latest SchedulerStats. Import this module only where vLLM is instal
 from __future__ import annotations
 
 import collections
-import itertools
 import os
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from parallel.engine import EngineStats
+from parallel.engine_api import EngineInfo
+from parallel.engine_stats import EngineStats
+from parallel.errors import EngineDeadError, InvalidRequestError
 from parallel.inputs import encode_prompt
-from parallel.outputs import CompletionOutput, RequestOutput
+from parallel.outputs import OutputDelta
 from parallel.sampling_params import SamplingParams
 from parallel.tokenizer import Tokenizer
 
-_ENGINE_ARG_NAMES = {  # our option name -> vLLM AsyncEngineArgs name
+# Our option name (EngineConfig.option_names(), the one vocabulary) -> vLLM AsyncEngineArgs name; None: it does
+# not apply to vLLM (vLLM always runs its EngineCore in a process of its own and compiles by its own default).
+# draft_path + num_speculative_tokens become vLLM's speculative_config (see _speculative_config).
+_ENGINE_ARG_NAMES: dict[str, str | None] = {
     "dtype": "dtype", "max_model_len": "max_model_len", "max_num_seqs": "max_num_seqs",
     "max_num_batched_tokens": "max_num_batched_tokens", "block_size": "block_size",
-    "kv_cache_memory_bytes": "kv_cache_memory_bytes", "kv_cache_memory": "kv_cache_memory_bytes",
-    "enable_prefix_caching": "enable_prefix_caching", "seed": "seed", "device": None,
-    "tensor_parallel_size": "tensor_parallel_size", "gpu_memory_utilization": "gpu_memory_utilization",
-    "enforce_eager": "enforce_eager", "speculative_config": "speculative_config",
-    "stream_interval": "stream_interval",
-    "engine_process": None,  # vLLM always runs its EngineCore in a process of its own
-    "compile": None, "compile_draft": None,  # vLLM compiles by default (its own knob: enforce_eager)
+    "kv_cache_memory_bytes": "kv_cache_memory_bytes", "num_blocks": "num_gpu_blocks_override",
+    "enable_prefix_caching": "enable_prefix_caching", "enable_chunked_prefill": "enable_chunked_prefill",
+    "seed": "seed", "tensor_parallel_size": "tensor_parallel_size",
+    "gpu_memory_utilization": "gpu_memory_utilization", "stream_interval": "stream_interval",
+    "draft_path": None, "num_speculative_tokens": None,
+    "device": None, "engine_process": None, "compile": None, "compile_draft": None,
 }
 
 
@@ -56,16 +59,30 @@ def cpu_binding(ranks: int, cores: int) -> str:
     return "|".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def to_vllm_params(params: SamplingParams) -> Any:
+def to_vllm_params(params: SamplingParams, vocab_size: int) -> Any:
     from vllm import SamplingParams as VllmParams
     from vllm.sampling_params import RequestOutputKind
 
+    top_k = params.effective_top_k if params.effective_top_k < vocab_size else 0  # above the vocab: off
+    # vLLM reads seed -1 as "no seed" and its generators take [0, 2**64): map our signed 64-bit seeds there
+    seed = params.seed % 2**64 if params.seed is not None else None
     return VllmParams(
-        n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.effective_top_k,
-        seed=params.seed, max_tokens=params.max_tokens, stop=list(params.stop) or None,
+        n=1, temperature=params.temperature, top_p=params.top_p, top_k=top_k,
+        seed=seed, max_tokens=params.max_tokens, stop=list(params.stop) or None,
         stop_token_ids=list(params.stop_token_ids) or None, ignore_eos=params.ignore_eos,
         logprobs=params.logprobs, min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA)
+
+
+def _speculative_config(options: dict[str, Any]) -> dict[str, Any] | None:
+    draft, k = options.get("draft_path"), options.get("num_speculative_tokens")
+    if draft is None:
+        if k:
+            raise ValueError("num_speculative_tokens needs a draft model (draft_path)")
+        return None
+    if not isinstance(k, int) or not 1 <= k <= 16:
+        raise ValueError(f"num_speculative_tokens must be in [1, 16] with a draft_path, got {k!r}")
+    return {"method": "draft_model", "model": draft, "num_speculative_tokens": k}
 
 
 class _StatsKeeper:
@@ -112,12 +129,14 @@ class _StatsKeeper:
 
 
 class VllmEngine:
-    """Same surface as AsyncEngine (generate / abort / stats / tokenizer / max_model_len), backed by vLLM.
+    """The ``engine_api.Engine`` interface over vLLM's AsyncLLM: same options, prompts, errors and deltas as
+    the native engine.
 
     Example:
         >>> engine = VllmEngine("models/tiny-code-llama", dtype="float32", max_num_seqs=32)
-        >>> async for out in engine.generate("r1", "def f():", SamplingParams(max_tokens=8)):
-        ...     print(out.outputs[0].delta_text, end="")
+        >>> ids = engine.encode_prompt("def f():")
+        >>> async for delta in engine.generate("r1", ids, SamplingParams(max_tokens=8)):
+        ...     print(delta.text, end="")
     """
 
     def __init__(self, path: str, **options: Any) -> None:
@@ -129,8 +148,12 @@ class VllmEngine:
         for key, value in options.items():
             if key not in _ENGINE_ARG_NAMES:
                 raise TypeError(f"engine option {key!r} is not supported by the vllm engine")
-            if _ENGINE_ARG_NAMES[key] is not None and value is not None:
-                kwargs[_ENGINE_ARG_NAMES[key]] = value
+            name = _ENGINE_ARG_NAMES[key]
+            if name is not None and value is not None:
+                kwargs[name] = value
+        spec = _speculative_config(options)
+        if spec is not None:
+            kwargs["speculative_config"] = spec
         if kwargs.get("dtype") == "auto":
             kwargs.pop("dtype")
         tp = int(kwargs.get("tensor_parallel_size", 1))
@@ -145,45 +168,56 @@ class VllmEngine:
         self.tokenizer = Tokenizer.from_folder(path)
         self.vocab_size: int = self.llm.model_config.get_vocab_size()
         self._num_blocks = int(self.llm.vllm_config.cache_config.num_gpu_blocks or 0)
-        self._ids = itertools.count()
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        return encode_prompt(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo("vllm", self.max_model_len, self.vocab_size)
 
-    def is_alive(self) -> bool:
+    def encode_prompt(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        return encode_prompt(prompt, self.tokenizer, self.vocab_size, self.max_model_len, param)
+
+    def is_ready(self) -> bool:
         return not self.llm.errored
 
     def check_health(self) -> None:
         if self.llm.errored:
-            raise RuntimeError(f"vLLM engine failed: {self.llm.dead_error!r}")
+            raise EngineDeadError(f"vLLM engine failed: {self.llm.dead_error!r}")
 
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        ids = self.encode_prompt(prompt)
-        finished = False
+    def process_ids(self) -> list[int]:
+        """vLLM's EngineCore process (its workers are its children)."""
+        proc = getattr(getattr(self.llm.engine_core, "resources", None), "engine_manager", None)
+        procs = getattr(proc, "processes", None) or []
+        return [p.pid for p in procs if getattr(p, "pid", None) is not None]
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[OutputDelta]:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
+
+        ids = self.encode_prompt(prompt_ids)
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                                      param="stop_token_ids")
+        if self.llm.errored:
+            raise EngineDeadError(f"vLLM engine failed: {self.llm.dead_error!r}")
+        finished, n_out = False, 0
+        want_lps = params.logprobs is not None
         try:
-            async for out in self._stream(request_id, ids, params, prompt):
+            async for out in self.llm.generate({"prompt_token_ids": ids}, to_vllm_params(params, self.vocab_size),
+                                               request_id):
+                c = out.outputs[0]  # DELTA outputs: only what is new
+                n_out += len(c.token_ids)
+                lps = tuple({t: lp.logprob for t, lp in entry.items()} for entry in (c.logprobs or [])) \
+                    if want_lps else None
                 finished = out.finished
-                yield out
+                yield OutputDelta(request_id, tuple(c.token_ids), c.text, finished, c.finish_reason,
+                                  c.stop_reason, lps, len(ids), n_out, out.num_cached_tokens or 0)
+        except VllmDeadError as err:
+            finished = True
+            raise EngineDeadError(f"vLLM engine died: {err}") from err
         finally:
             if not finished:
                 self._stats.aborted += 1  # vLLM's own generate aborts the request when it is cancelled
-
-    async def _stream(self, request_id: str, ids: list[int], params: SamplingParams,
-                      prompt: str | list[int]) -> AsyncIterator[RequestOutput]:
-        text, token_ids, logprobs = "", [], []
-        async for out in self.llm.generate({"prompt_token_ids": ids}, to_vllm_params(params), request_id):
-            c = out.outputs[0]
-            text += c.text
-            token_ids.extend(c.token_ids)
-            step_lps = [{t: lp.logprob for t, lp in entry.items()} for entry in (c.logprobs or [])]
-            logprobs.extend(step_lps)
-            completion = CompletionOutput(
-                index=0, text=text, token_ids=tuple(token_ids), finish_reason=c.finish_reason,
-                delta_text=c.text, delta_token_ids=tuple(c.token_ids),
-                logprobs=tuple(logprobs) if params.logprobs is not None else None, stop_reason=c.stop_reason)
-            yield RequestOutput(request_id, prompt if isinstance(prompt, str) else None, tuple(ids), (completion,),
-                                out.finished, out.num_cached_tokens or 0)
 
     def abort(self, request_id: str) -> None:
         import asyncio

@@ -28,7 +28,7 @@ from parallel.distributed.group import TPGroup
 from parallel.model_runner import ModelRunner
 from parallel.models.loader import load_model
 from parallel.sampling_params import SamplingParams
-from parallel.scheduler import SchedulerOutput, StepResult
+from parallel.step_messages import SchedulerOutput, StepResult
 
 HEALTH_TIMEOUT_S = 10.0
 

@@ -177,3 +177,39 @@ def test_restart_budget_counts_within_its_window():
 
     budget = RestartBudget(max_restarts=3, window_s=60)
     assert [budget.allow(t) for t in (0, 10, 20, 30, 59.9, 60.5, 71)] == [True, True, True, False, False, True, True]
+
+
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_text_deltas_concatenate_to_the_offline_text(engine_process):
+    """With a real tokenizer: stop strings, held-back text and all, the deltas' text is the offline text."""
+    from parallel import LLM
+    from tests.conftest import REPO
+
+    model = str(REPO / "models" / "tiny-code-llama")
+    prompts = ["def fibonacci(n):", "import os\n", "class Point:"]
+    params = [SamplingParams(max_tokens=40, temperature=0, stop=["\n\n"]),
+              SamplingParams(max_tokens=30, temperature=0, stop=["return"], include_stop_str_in_output=True),
+              SamplingParams(max_tokens=25, temperature=0.7, seed=11)]
+    offline = LLM(model, dtype="float32").generate(prompts, params)
+    eng = AsyncEngine.from_options(model, dtype="float32", engine_process=engine_process)
+
+    async def main() -> list[list]:
+        return await asyncio.gather(*(_collect(eng, f"t{i}", eng.encode_prompt(p), sp)
+                                      for i, (p, sp) in enumerate(zip(prompts, params, strict=True))))
+
+    try:
+        for deltas, want in zip(asyncio.run(main()), offline, strict=True):
+            assert "".join(d.text for d in deltas) == want.text
+            assert [t for d in deltas for t in d.token_ids] == want.token_ids
+            assert (deltas[-1].finish_reason, deltas[-1].stop_reason) == (want.finish_reason,
+                                                                          want.outputs[0].stop_reason)
+    finally:
+        eng.shutdown()
+
+
+def test_vllm_options_are_the_engine_options():
+    """One vocabulary: every option the vLLM adapter accepts is a native engine option of the same name."""
+    from parallel.config import EngineConfig
+    from parallel.vllm_engine import _ENGINE_ARG_NAMES, to_vllm_params  # noqa: F401  (imports without vLLM)
+
+    assert set(_ENGINE_ARG_NAMES) <= EngineConfig.option_names() | {"engine_process"}
