@@ -88,12 +88,9 @@ def _engine_options(m: ModelSpec, models: dict[str, ModelSpec] | None = None) ->
     spec = m.speculative
     if spec is not None:
         draft = _draft_source(m, models or {})
-        if m.engine == "vllm":
-            options["speculative_config"] = {"method": "draft_model", "model": draft,
-                                             "num_speculative_tokens": spec.num_speculative_tokens}
-        else:
-            options.update(draft_path=draft, num_speculative_tokens=spec.num_speculative_tokens,
-                           compile_draft=spec.compile_draft)
+        options.update(draft_path=draft, num_speculative_tokens=spec.num_speculative_tokens)
+        if m.engine == "native":
+            options["compile_draft"] = spec.compile_draft
     if m.tensor_parallel_size > 1:
         options["tensor_parallel_size"] = m.tensor_parallel_size
         if m.engine == "native":

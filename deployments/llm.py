@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -89,6 +90,7 @@ class LLMServer:
         self.retry_after_s = retry_after_s
         slots = int((engine_options or {}).get("max_num_seqs") or 32)
         self.load = LoadTracker(slots)
+        self._ids = itertools.count()
         # NVML only where this replica runs its engine on a GPU; elsewhere the GPU signal is absent (not 0).
         self.gpu = GpuMonitor() if torch.cuda.is_available() else None
         logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine, self.max_model_len)
@@ -157,7 +159,8 @@ class LLMServer:
         try:
             ids, params = await asyncio.to_thread(self._prepare, req)
             want_lps = params.logprobs is not None
-            async for d in self.engine.generate(rid, ids, params):
+            # The engine's id is unique even when clients reuse an x-request-id; logs carry the client's.
+            async for d in self.engine.generate(f"{rid}#{next(self._ids)}", ids, params):
                 if started_at is None:
                     started_at = time.monotonic()
                     self.load.start()
