@@ -122,7 +122,8 @@ class LLMServer:
 
     async def pids(self) -> dict[str, Any]:
         """This replica's process id and its engine's (for fault-injection tests and operators)."""
-        return {"replica": os.getpid(), "engine": await asyncio.to_thread(self.engine.process_ids)}
+        return {"replica": os.getpid(), "engine": await asyncio.to_thread(self.engine.process_ids),
+                "ready": self.engine.is_ready()}
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> Chunk | ErrorInfo:
         """The whole completion as one Chunk (text and token ids accumulated once), or the ErrorInfo."""

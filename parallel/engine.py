@@ -120,6 +120,7 @@ class LLMEngine:
         self._live: dict[str, _Live] = {}
         self._token_times: collections.deque[tuple[float, int]] = collections.deque()
         self._failed_steps = 0  # consecutive
+        self._dead: EngineDeadError | None = None  # set when the executor lost a rank: no recovery in place
         self._fault = FaultPlan.from_env()  # test-only; None outside fault-injection tests
         self.num_aborted = 0
         self.num_failed = 0
@@ -198,12 +199,19 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     @property
+    def dead(self) -> EngineDeadError | None:
+        """Set once the executor lost a rank: this engine cannot step again (its replica must be replaced)."""
+        return self._dead
+
+    @property
     def healthy(self) -> bool:
         """False after MAX_FAILED_STEPS model steps failed in a row: the device or model is broken."""
         return self._failed_steps < MAX_FAILED_STEPS
 
     def check_health(self) -> None:
         """Raises when a model rank is gone (tensor parallelism) or steps keep failing; cheap otherwise."""
+        if self._dead is not None:
+            raise self._dead
         if not self.healthy:
             raise EngineDeadError(f"the last {self._failed_steps} model steps all failed")
         self.executor.check_health()
@@ -226,6 +234,10 @@ class LLMEngine:
         try:
             result = self.executor.execute(sched_out)
             changed = self.scheduler.update(sched_out, result)
+        except EngineDeadError as err:  # the executor lost a rank: every request in flight ends, typed as dead
+            self._dead = err
+            logger.error("engine dead: %s: failing all %d requests", err, len(self._live))
+            return self._fail(list(self._live), err, dead=True)
         except Exception as err:  # the model step (or its bookkeeping) failed: only its requests end
             self._failed_steps += 1
             logger.exception("model step failed: failing its %d requests", len(sched_out.scheduled))
@@ -275,8 +287,9 @@ class LLMEngine:
         """Finish every request in flight with a RequestFailedError (a bug outside any one request's work)."""
         return self._fail(list(self._live), err)
 
-    def _fail(self, request_ids: list[str], err: Exception) -> list[OutputDelta]:
-        """Finish these requests (blocks freed) with a RequestFailedError in their final deltas."""
+    def _fail(self, request_ids: list[str], err: Exception, dead: bool = False) -> list[OutputDelta]:
+        """Finish these requests (blocks freed) with a RequestFailedError (EngineDeadError when ``dead``) in
+        their final deltas."""
         deltas = []
         for rid in request_ids:
             live = self._live.pop(rid, None)
@@ -285,7 +298,8 @@ class LLMEngine:
             self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
             self.num_failed += 1
             r = live.request
-            error = RequestFailedError(f"request {rid!r} failed inside the engine: {type(err).__name__}: {err}")
+            error = err if dead else RequestFailedError(f"request {rid!r} failed inside the engine: "
+                                                        f"{type(err).__name__}: {err}")
             deltas.append(OutputDelta(rid, (), "", True, "abort", None, None, r.num_prompt_tokens,
                                       r.num_output_tokens, r.num_cached_tokens, error))
         return deltas

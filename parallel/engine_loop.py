@@ -98,10 +98,12 @@ class ThreadLoop:
         return self._stats
 
     def is_ready(self) -> bool:
-        return self._thread.is_alive() and not self._stop
+        return self._thread.is_alive() and not self._stop and self.engine.dead is None
 
     @property
     def not_ready_reason(self) -> str:
+        if self.engine.dead is not None:
+            return str(self.engine.dead)
         return "engine is shut down" if self._stop else "engine loop thread is not running"
 
     def check_health(self) -> None:

@@ -20,11 +20,13 @@ import time
 
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from parallel.config import EngineConfig
 from parallel.distributed.group import TPGroup
+from parallel.errors import EngineDeadError
 from parallel.model_runner import ModelRunner
 from parallel.models.loader import load_model
 from parallel.sampling_params import SamplingParams
@@ -120,7 +122,10 @@ class RayTPExecutor:
 
     def execute(self, out: SchedulerOutput) -> StepResult:
         ref = ray.put(out)
-        results = ray.get([w.execute.remote(ref) for w in self.workers])
+        try:
+            results = ray.get([w.execute.remote(ref) for w in self.workers])
+        except (RayActorError, ActorUnavailableError) as err:  # a rank is gone: no step can run any more
+            raise EngineDeadError(f"a tensor-parallel rank died: {type(err).__name__}") from err
         return results[0]
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -22,8 +22,10 @@ def autoscale_app(server):
 
     opts = {"dtype": "float32", "max_num_seqs": 2, "kv_cache_memory_bytes": 64 << 20}
     serve.run(build({"name": APP, "models": [
+        # A queue is what this test scales on: admission lets it grow (the default refuses a 20 s wait).
         {"name": "elastic", "source": TARGET, "engine_options": opts, "resources": {"num_cpus": 0.25},
-         "autoscaling": {"min_replicas": 1, "max_replicas": 2, **FAST}},
+         "autoscaling": {"min_replicas": 1, "max_replicas": 2, **FAST},
+         "admission": {"max_queue_wait_s": 600, "max_waiting": 64}},
         {"name": "cold", "source": TARGET, "engine_options": opts, "resources": {"num_cpus": 0.25},
          "autoscaling": {"min_replicas": 0, "max_replicas": 1, **FAST}},
     ], "router": {"num_cpus": 0.1}}), name=APP, route_prefix=PREFIX)

@@ -28,13 +28,14 @@ def victim_pids() -> dict[int, list[int]]:
     """replica pid -> its engine process ids, for both replicas (calls land on either at random)."""
     handle = serve.get_deployment_handle(MODEL, app_name=APP)
     found: dict[int, list[int]] = {}
-    for _ in range(40):
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # both replicas seen, and both engines ready (a restart may be ending)
         p = handle.pids.remote().result()
-        found[p["replica"]] = p["engine"]
-        if len(found) == 2:
-            break
-    assert len(found) == 2, found
-    return found
+        found[p["replica"]] = p["engine"] if p["ready"] else []
+        if len(found) == 2 and all(found.values()):
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"two ready replicas of {MODEL} not found: {found}")
 
 
 def stream_until_killed(base: str, started: concurrent.futures.Future | None) -> list[str]:

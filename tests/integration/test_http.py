@@ -115,7 +115,8 @@ def test_embeddings(client):
     ("/v1/nothing", {}, 404, None),
 ])
 def test_errors_are_openai_json(client, path, body, status, param):
-    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kwargs = ({"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes)
+              else {"json": body})
     r = client.post(path, **kwargs)
     assert r.status_code == status, r.text
     error = r.json()["error"]
