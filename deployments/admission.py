@@ -24,8 +24,8 @@ from dataclasses import dataclass
 class AdmissionLimits:
     """Config: ``admission`` of a model. ``max_waiting``: requests admitted but not started, per replica."""
 
-    max_waiting: int = 64
-    max_queue_wait_s: float = 10.0
+    max_waiting: int = 32
+    max_queue_wait_s: float = 3.0
 
 
 @dataclass(frozen=True)

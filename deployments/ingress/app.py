@@ -42,16 +42,18 @@ class RouterSettings:
 
 
 def validation_error(err: ValidationError) -> ServeError:
-    """The most specific pydantic error as a 400 naming the field (``messages.0.content``)."""
-    errors = sorted(err.errors(), key=lambda e: -len(e["loc"]))
-    first = errors[0]
-    # Drop union-member tags (``str``, ``list[TextPart]``) from the location: they are not field names.
-    loc = [str(p) for p in first["loc"] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
-    param = ".".join(loc) or None
+    """The most telling pydantic error as a 400 naming the field (``messages.0.content``): for a union, the
+    branch of the input's own type (a type mismatch only says another branch was not meant), then the
+    deepest location."""
+    def clean(loc: tuple) -> list[str]:  # drop union-member tags (``str``, ``list[TextPart]``): not field names
+        return [str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or "-" in p))]
+
+    first = min(err.errors(), key=lambda e: (e["type"].endswith("_type"), -len(clean(e["loc"]))))
+    param = ".".join(clean(first["loc"])) or None
     return invalid(f"{param}: {first['msg']}" if param else first["msg"], param=param)
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "function-before"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 
 def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
