@@ -158,7 +158,9 @@ class LLMServer:
         self.load.enqueue()
         started_at: float | None = None
         try:
-            ids, params = await asyncio.to_thread(self._prepare, req)
+            # A large prompt is rendered and tokenised in a worker thread (seconds of CPU must not freeze other
+            # streams); a small one inline, where the thread hop would cost more than the work.
+            ids, params = (self._prepare(req) if _small(req) else await asyncio.to_thread(self._prepare, req))
             want_lps = params.logprobs is not None
             # The engine's id is unique even when clients reuse an x-request-id; logs carry the client's.
             async for d in self.engine.generate(f"{rid}#{next(self._ids)}", ids, params):
@@ -217,6 +219,15 @@ class LLMServer:
         return tuple(TokenLogprob(piece(t), e.get(t, float("-inf")),
                                   tuple((piece(a), lp) for a, lp in sorted(e.items(), key=lambda kv: -kv[1])))
                      for e, t in zip(d.logprobs or (), d.token_ids, strict=False))
+
+
+INLINE_CHARS = 8192  # tokenising this much takes well under a millisecond
+
+
+def _small(req: GenerateRequest) -> bool:
+    if req.messages is not None:
+        return sum(len(m.content) for m in req.messages) <= INLINE_CHARS
+    return len(req.prompt or ()) <= INLINE_CHARS
 
 
 def as_request(request: GenerateRequest | dict[str, Any]) -> GenerateRequest:

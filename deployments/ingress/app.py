@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.ingress.generate import REPLICA_GONE, CallPolicy, ReplicaStream, generate_whole
@@ -112,6 +112,8 @@ class Router:
             response = await handler(admitted)
         except ServeError as err:
             response = error_response(err.info)
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer (logged as 499)
+            return Response(status_code=499)
         except Exception:  # a bug: still OpenAI's body, logged with the request id
             logger.exception("request %s %s %s failed", rid, method, path)
             response = error_response(ErrorInfo(500, f"internal error (request {rid})", code="internal_error"))
