@@ -79,20 +79,25 @@ def check_stream_ended_cleanly(events: list[str]) -> None:
         assert last["choices"][0]["finish_reason"] == "length", last
 
 
+def under_load_kill(base: str, pids: list[int], n_unary: int) -> tuple[list[list[str]], list[httpx.Response], float]:
+    """4 streams (each past its second event) and ``n_unary`` unary requests in flight, then SIGKILL ``pids``:
+    the streams' events, the unary responses, and when the kill happened."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        started = [concurrent.futures.Future() for _ in range(4)]
+        streams = [pool.submit(stream_until_killed, base, s) for s in started]
+        unaries = [pool.submit(unary, base) for _ in range(n_unary)]
+        concurrent.futures.wait(started, timeout=120)
+        killed_at = time.monotonic()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # processes of the cluster this test session started
+        return [s.result(timeout=180) for s in streams], [u.result(timeout=180) for u in unaries], killed_at
+
+
 def test_killed_engine_processes_fail_in_flight_requests_and_heal(server):
     pids = victim_pids()
     engines = [pid for group in pids.values() for pid in group]
     assert len(engines) == 2  # one engine process per replica
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        started = [concurrent.futures.Future() for _ in range(4)]
-        streams = [pool.submit(stream_until_killed, server, s) for s in started]
-        unaries = [pool.submit(unary, server) for _ in range(2)]
-        concurrent.futures.wait(started, timeout=120)
-        killed_at = time.monotonic()
-        for pid in engines:
-            os.kill(pid, signal.SIGKILL)
-        results = [s.result(timeout=120) for s in streams]
-        answers = [u.result(timeout=120) for u in unaries]
+    results, answers, killed_at = under_load_kill(server, engines, n_unary=2)
     for events in results:
         check_stream_ended_cleanly(events)
     assert any("error" in json.loads(e[-2]) for e in results), "no stream saw the kill"
@@ -109,15 +114,7 @@ def test_killed_engine_processes_fail_in_flight_requests_and_heal(server):
 def test_killed_replica_ends_streams_with_an_error_and_heals(server):
     pids = victim_pids()
     doomed = next(iter(pids))
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        started = [concurrent.futures.Future() for _ in range(4)]
-        streams = [pool.submit(stream_until_killed, server, s) for s in started]
-        unaries = [pool.submit(unary, server) for _ in range(3)]
-        concurrent.futures.wait(started, timeout=120)
-        killed_at = time.monotonic()
-        os.kill(doomed, signal.SIGKILL)
-        results = [s.result(timeout=180) for s in streams]
-        answers = [u.result(timeout=180) for u in unaries]
+    results, answers, killed_at = under_load_kill(server, [doomed], n_unary=3)
     for events in results:
         check_stream_ended_cleanly(events)
     for r in answers:  # a unary request on the dead replica is retried once on the other: 200 or a clean 503
