@@ -245,6 +245,8 @@ class LLMEngine:
             return self._fail([s.request_id for s in sched_out.scheduled], err)
         self._failed_steps = 0
         deltas = []
+        for rid, reason in (result.failed or {}).items():  # its own sampling raised: this request alone
+            deltas.extend(self._fail([rid], RuntimeError(reason)))
         new_tokens = 0
         for request, appended in changed:
             new_tokens += appended

@@ -6,6 +6,8 @@ scheduler's: it reads the SchedulerOutput and hands back tokens.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from parallel.compiled import ModelForward
@@ -15,6 +17,8 @@ from parallel.sampler import Sampler, logprob_entry
 from parallel.sampling_params import SamplingParams
 from parallel.speculative import DraftWork, Proposer, verify
 from parallel.step_messages import ScheduledRequest, SchedulerOutput, StepResult
+
+logger = logging.getLogger(__name__)
 
 
 def kv_bytes_per_block(args: LlamaArgs, tp_size: int, block_size: int, dtype: torch.dtype) -> int:
@@ -89,19 +93,48 @@ class ModelRunner:
             drafts = self._propose(out, {}, {}, gens) if self.proposer is not None else None
             return StepResult({}, None, drafts)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        failed: dict[str, str] = {}
         if any(s.num_draft for s in sampled):
-            emitted, logprobs, accepted = self._verify(sampled, logits, gens)
+            emitted, logprobs, accepted = self._verify(sampled, logits, gens, failed)
         else:
-            tokens, lps = self.sampler(logits, [s.params for s in sampled], [gens[s.request_id] for s in sampled])
-            emitted = {s.request_id: (t,) for s, t in zip(sampled, tokens, strict=True)}
-            logprobs = {s.request_id: (e,) for s, e in zip(sampled, lps, strict=True) if e is not None}
+            emitted, logprobs = self._sample(sampled, logits, gens, failed)
             accepted = None
         drafts = self._propose(out, emitted, accepted or {}, gens) if self.proposer is not None else None
-        return StepResult(emitted, logprobs or None, drafts, accepted)
+        return StepResult(emitted, logprobs or None, drafts, accepted, failed or None)
 
-    def _verify(self, sampled: list[ScheduledRequest], logits: torch.Tensor, gens: dict[str, torch.Generator | None]
+    def _sample(self, sampled: list[ScheduledRequest], logits: torch.Tensor, gens: dict[str, torch.Generator | None],
+                failed: dict[str, str]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[dict[int, float], ...]]]:
+        """One batched draw; if it raises, the rows are drawn one by one so that only the request whose own
+        draw raises fails (into ``failed``). Seeded generators are rewound first, so every other request
+        gets exactly the token the batched draw would have given it."""
+        params = [s.params for s in sampled]
+        seeded = {rid: g.get_state() for rid, g in gens.items() if g is not None}
+        try:
+            tokens, lps = self.sampler(logits, params, [gens[s.request_id] for s in sampled])
+        except Exception:
+            logger.exception("batched sampling of %d requests failed: sampling them one by one", len(sampled))
+            for rid, state in seeded.items():
+                gens[rid].set_state(state)  # type: ignore[union-attr]
+            tokens, lps = [], []
+            for i, s in enumerate(sampled):
+                try:
+                    (t,), (e,) = self.sampler(logits[i:i + 1], [s.params], [gens[s.request_id]])
+                except Exception as err:
+                    logger.exception("sampling request %s failed", s.request_id)
+                    failed[s.request_id] = f"sampling failed: {type(err).__name__}: {err}"
+                    t, e = -1, None
+                tokens.append(t)
+                lps.append(e)
+        emitted = {s.request_id: (t,) for s, t in zip(sampled, tokens, strict=True) if s.request_id not in failed}
+        logprobs = {s.request_id: (e,) for s, e in zip(sampled, lps, strict=True)
+                    if e is not None and s.request_id not in failed}
+        return emitted, logprobs
+
+    def _verify(self, sampled: list[ScheduledRequest], logits: torch.Tensor, gens: dict[str, torch.Generator | None],
+                failed: dict[str, str]
                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[dict[int, float], ...]], dict[str, int]]:
-        """Speculative verification of each request's proposals against the target's k+1 distributions."""
+        """Speculative verification of each request's proposals against the target's k+1 distributions.
+        Per request: one whose verification raises goes into ``failed``, the others are unaffected."""
         assert self.proposer is not None
         emitted, logprobs, accepted = {}, {}, {}
         offset = 0
@@ -109,16 +142,20 @@ class ModelRunner:
         for s in sampled:
             n = 1 + s.num_draft
             block = logits[offset:offset + n]
-            # greedy verification compares argmaxes: the raw logits serve, no softmax needed
-            p = block if s.params.greedy else self.sampler.probs(block, [s.params] * n)
             drafts = s.token_ids[len(s.token_ids) - s.num_draft:]
             q = self.proposer.pending_q(s.request_id)
-            tokens, j = verify(p, q[: s.num_draft] if q is not None else None, drafts, s.params, self.sampler,
-                               gens[s.request_id])
-            emitted[s.request_id], accepted[s.request_id] = tuple(tokens), j
-            if raw is not None and s.params.logprobs is not None:
-                logprobs[s.request_id] = tuple(logprob_entry(raw[offset + i], t, s.params.logprobs)
-                                               for i, t in enumerate(tokens))
+            try:
+                # greedy verification compares argmaxes: the raw logits serve, no softmax needed
+                p = block if s.params.greedy else self.sampler.probs(block, [s.params] * n)
+                tokens, j = verify(p, q[: s.num_draft] if q is not None else None, drafts, s.params, self.sampler,
+                                   gens[s.request_id])
+                if raw is not None and s.params.logprobs is not None:
+                    logprobs[s.request_id] = tuple(logprob_entry(raw[offset + i], t, s.params.logprobs)
+                                                   for i, t in enumerate(tokens))
+                emitted[s.request_id], accepted[s.request_id] = tuple(tokens), j
+            except Exception as err:
+                logger.exception("verifying request %s failed", s.request_id)
+                failed[s.request_id] = f"sampling failed: {type(err).__name__}: {err}"
             offset += n
         return emitted, logprobs, accepted
 

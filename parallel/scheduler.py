@@ -167,6 +167,8 @@ class Scheduler:
             request = self.requests.get(s.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            if result.failed and s.request_id in result.failed:
+                continue  # its own sampling raised: the engine ends it alone
             request.num_computed_tokens += len(s.token_ids)
             if not s.sample:
                 self.block_manager.cache_computed_blocks(request)

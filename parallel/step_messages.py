@@ -49,3 +49,4 @@ class StepResult:
     logprobs: dict[str, tuple[dict[int, float], ...]] | None = None
     drafts: dict[str, tuple[int, ...]] | None = None  # next step's proposals, per request
     num_accepted: dict[str, int] | None = None  # proposals accepted this step, per verified request
+    failed: dict[str, str] | None = None  # requests whose own sampling raised (the reason): they end alone

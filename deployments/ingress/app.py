@@ -50,10 +50,17 @@ def validation_error(err: ValidationError) -> ServeError:
 
     first = min(err.errors(), key=lambda e: (e["type"].endswith("_type"), -len(clean(e["loc"]))))
     param = ".".join(clean(first["loc"])) or None
-    return invalid(f"{param}: {first['msg']}" if param else first["msg"], param=param)
+    kind = first["type"]
+    code = _CODES.get(kind) or ("invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
+    if kind == "literal_error" and param and param.startswith("messages.") and param.endswith(".type"):
+        code = "unsupported_content"  # an image, audio or file part: this model reads text only
+    return invalid(f"{param}: {first['msg']}" if param else first["msg"], param=param, code=code)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+# pydantic's error type -> OpenAI's code (what its API answers for the same mistake); the rest: invalid_value
+_CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter",
+          "json_invalid": "invalid_json"}
 
 
 def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
@@ -106,7 +113,7 @@ class Router:
             handler = self.routes.get((method, path))
             if handler is None:
                 if any(p == path for _, p in self.routes):
-                    raise invalid(f"method {method} not allowed on {path}", status=405)
+                    raise invalid(f"method {method} not allowed on {path}", code="method_not_allowed", status=405)
                 raise invalid(f"no route {method} {path}", code="not_found", status=404)
             admitted = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid)
             response = await handler(admitted)

@@ -106,7 +106,7 @@ class _SamplingFields(_Strict):
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if self.min_tokens and self.min_tokens > max_tokens:
             raise invalid(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({max_tokens})",
-                          param="min_tokens")
+                          param="min_tokens", code="invalid_value")
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=-1 if self.top_k is None else self.top_k,
@@ -119,7 +119,8 @@ class _SamplingFields(_Strict):
     def _refuse(self) -> _SamplingFields:
         _refuse_non_neutral(self.__dict__, self.REFUSED)
         if self.stream_options is not None and not self.stream:
-            raise invalid("stream_options is only allowed when stream is true", param="stream_options")
+            raise invalid("stream_options is only allowed when stream is true", param="stream_options",
+                          code="invalid_value")
         return self
 
 
@@ -197,7 +198,7 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _top_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise invalid("top_logprobs needs logprobs: true", param="top_logprobs")
+            raise invalid("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
         return self
 
     def requested_max_tokens(self) -> int | None:

@@ -107,13 +107,13 @@ async def read_body(chunks: AsyncIterator[bytes], limits: Limits) -> bytes:
 def parse_json(raw: bytes, limits: Limits) -> dict[str, Any]:
     """A JSON object, nested at most ``max_json_depth`` deep (400 otherwise, never a RecursionError)."""
     if _max_depth(raw) > limits.max_json_depth:
-        raise invalid(f"request body is nested deeper than {limits.max_json_depth} levels")
+        raise invalid(f"request body is nested deeper than {limits.max_json_depth} levels", code="invalid_json")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise invalid(f"request body is not valid JSON: {err}") from None
+        raise invalid(f"request body is not valid JSON: {err}", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise invalid("request body must be a JSON object")
+        raise invalid("request body must be a JSON object", code="invalid_json")
     return body
 
 

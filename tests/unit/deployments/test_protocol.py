@@ -15,7 +15,24 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 def refused(model, body) -> tuple[int, str | None]:
     with pytest.raises(ServeError) as caught:
         parse(model, body)
+    assert caught.value.info.code, caught.value.info  # every refusal carries OpenAI's machine-readable code
     return caught.value.info.status, caught.value.info.param
+
+
+@pytest.mark.parametrize(("model", "body", "code"), [
+    (CompletionRequest, {**BASE, "seed": 2**64}, "invalid_value"),
+    (CompletionRequest, {**BASE, "top_k": 2**63}, "invalid_value"),
+    (CompletionRequest, {**BASE, "max_tokens": "many"}, "invalid_type"),
+    (CompletionRequest, {"prompt": "x"}, "missing_required_parameter"),
+    (CompletionRequest, {**BASE, "some_new_field": 1}, "unknown_parameter"),
+    (CompletionRequest, {**BASE, "logit_bias": {"5": 10}}, "unsupported_parameter"),
+    (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "unsupported_content"),
+])
+def test_refusals_carry_openais_code(model, body, code):
+    with pytest.raises(ServeError) as caught:
+        parse(model, body)
+    assert caught.value.info.code == code
 
 
 @pytest.mark.parametrize(("field", "value"), [

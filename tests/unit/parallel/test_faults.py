@@ -18,6 +18,7 @@ from parallel.config import EngineConfig
 from parallel.engine import LLMEngine
 from parallel.errors import RequestFailedError
 from parallel.faults import FAULT_ENV, FaultPlan, InjectedFault
+from parallel.sampler import Sampler
 from tests.conftest import REPO
 
 MODEL = str(REPO / "models" / "tiny-code-llama")  # a real tokenizer: detokenizing is part of the step
@@ -30,7 +31,9 @@ def _batch() -> tuple[list[str], list[SamplingParams]]:
     rng = random.Random(0)
     words = ["def", "class", "import os", "return", "for i in range(", "while True:", "self.", "print("]
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 6))) for _ in range(N)]
-    params = [SamplingParams(max_tokens=rng.randrange(8, 20), temperature=0, ignore_eos=True,
+    # a few seeded sampled rows: their draws must not change when another row's sampling fails
+    params = [SamplingParams(max_tokens=rng.randrange(8, 20), temperature=0.9 if i % 5 == 1 else 0,
+                             seed=i if i % 5 == 1 else None, ignore_eos=True,
                              logprobs=1 if i % 3 == 0 else None, stop=["\n\n"] if i % 4 == 0 else ())
               for i in range(N)]
     return prompts, params
@@ -94,18 +97,39 @@ def _logprobs_fail(engine: LLMEngine) -> None:
     engine.executor.execute = wrapped
 
 
+SAMPLED_VICTIM = SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)
+
+
+def _sampling_fails(engine: LLMEngine) -> None:
+    """The batched draw raises whenever the victim is in the batch, after the seeded generators have
+    drawn (as a failure midway would): the runner must isolate the victim and rewind the others."""
+    real = engine.executor.runner.sampler
+
+    class Failing(Sampler):
+        def __call__(self, logits, params, generators):
+            tokens = real(logits, params, generators)
+            if any(p is SAMPLED_VICTIM for p in params):
+                raise InjectedFault("boom")
+            return tokens
+
+    engine.executor.runner.sampler = Failing(real.default_generator)
+
+
 @pytest.mark.parametrize("sabotage, victim_params", [
     (_detokenizer_fails, None), (_stop_matcher_fails, None),
     (_logprobs_fail, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)),
+    (_sampling_fails, SAMPLED_VICTIM),
 ])
 def test_one_failing_request_in_a_batch_of_16(native, quiet, sabotage, victim_params):
     prompts, params = _batch()
     if victim_params is not None:
         params[7] = victim_params
+    sampler = native.executor.runner.sampler
     try:
         got = _run(native, prompts, params, sabotage)
     finally:
         native.executor.__dict__.pop("execute", None)  # back to the class's method
+        native.executor.runner.sampler = sampler
     assert isinstance(got[VICTIM][3], RequestFailedError) and got[VICTIM][2] == "abort"
     for rid in got:
         if rid != VICTIM:
