@@ -482,6 +482,9 @@ BEFORE = {
 }
 
 
+ONLY: set[str] = set()
+
+
 async def run_all(srv: Server) -> dict[str, Any]:
     res: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=srv.base, timeout=300, limits=httpx.Limits(max_connections=256)) as c:
@@ -496,6 +499,8 @@ async def run_all(srv: Server) -> dict[str, Any]:
                  lambda: p3_nested(c), lambda: p4_embeddings(c), lambda: p5_kill_engine(c, srv),
                  lambda: p6_kill_replica(c, srv), lambda: p7_overload(c, srv), lambda: p8_ignored(c)]
         for key, step in zip(BEFORE, steps, strict=True):
+            if ONLY and key.split()[0] not in ONLY:
+                continue
             print(f"[{time.strftime('%H:%M:%S')}] probe {key}", flush=True)
             try:
                 data, line = await step()
@@ -510,6 +515,8 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--launch":
         launch(sys.argv[2])
         return
+    if len(sys.argv) > 2 and sys.argv[1] == "--only":  # e.g. --only 2a,7: those probes alone
+        ONLY.update(sys.argv[2].split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     srv, t0, load = Server(), now(), [os.getloadavg()]
     try:

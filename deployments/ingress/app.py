@@ -26,6 +26,7 @@ from deployments.ingress.openapi import openapi_document
 from deployments.ingress.protocol import INT32, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from deployments.ingress.resolve import ModelRoute, Resolver
 from deployments.ingress.responses import Shaper, embedding_response
+from deployments.ingress.shed import Shedder, Ticket
 from deployments.ingress.stages import Admitted, Incoming, Limits, Pipeline, request_id
 from deployments.messages import ErrorInfo, GenerateRequest, ServeError, invalid, unavailable
 
@@ -89,6 +90,7 @@ class Router:
         self.resolver = Resolver(routes)
         self.settings = settings or RouterSettings()
         self.pipeline = Pipeline(self.settings.limits)
+        self.shedder = Shedder()
         self.openapi = json.dumps(openapi_document([r.model for r in routes if r.kind == "llm"],
                                                    [r.model for r in routes if r.kind == "embedding"])).encode()
         self.routes: dict[tuple[str, str], Callable[[Admitted], Awaitable[Response]]] = {
@@ -184,6 +186,10 @@ class Router:
                 for r in self.resolver.routes.values()]
         return {"object": "list", "data": data}
 
+    def ingress_stats(self) -> dict[str, Any]:
+        """This router replica's own counts: requests in flight per model deployment, requests shed here."""
+        return {"in_flight": dict(self.shedder.in_flight), "shed": self.shedder.shed}
+
     async def health(self) -> dict[str, Any]:
         """Ready only when every model (but those that may sit at zero replicas) has a ready replica."""
         routes = [r for r in self.resolver.routes.values() if not r.on_demand]
@@ -217,15 +223,35 @@ class Router:
                               fill_max_tokens=max_tokens is None, deadline=a.deadline, model=req.model)
         return await self._generate(req, gen, Shaper("chat", req.model, top))
 
-    async def _generate(self, req: Any, gen: GenerateRequest, shaper: Shaper) -> dict[str, Any] | AsyncIterator:
-        handle = self.handles[self.resolver.resolve(req.model, "llm", key=req.user).deployment]
-        if not req.streaming:
-            return shaper.whole(await generate_whole(handle, gen, self.settings.call))
-        stream = ReplicaStream(handle, gen, self.settings.call)
-        await stream.start()  # refusals (400, 503...) surface here, as a status, before the stream starts
-        return self._events(stream, shaper, req.include_usage)
+    def _admit_to(self, model: str, target: str) -> Ticket:
+        """A ticket for one request to ``target``, or a 503 at once while its replicas are known full."""
+        retry_after = self.shedder.check(target)
+        if retry_after is not None:
+            raise unavailable(f"model {model!r} is overloaded, retry later", "overloaded", retry_after)
+        return self.shedder.enter(target)
 
-    async def _events(self, stream: ReplicaStream, shaper: Shaper, include_usage: bool) -> AsyncIterator[dict]:
+    async def _generate(self, req: Any, gen: GenerateRequest, shaper: Shaper) -> dict[str, Any] | AsyncIterator:
+        target = self.resolver.resolve(req.model, "llm", key=req.user).deployment
+        handle = self.handles[target]
+        ticket = self._admit_to(req.model, target)
+        refused: float | None = None
+        try:
+            if not req.streaming:
+                return shaper.whole(await generate_whole(handle, gen, self.settings.call))
+            stream = ReplicaStream(handle, gen, self.settings.call)
+            await stream.start()  # refusals (400, 503...) surface here, as a status, before the stream starts
+            events, ticket = self._events(stream, shaper, req.include_usage, ticket), None  # it leaves at the end
+            return events
+        except ServeError as err:
+            if err.info.code == "overloaded":
+                refused = err.info.retry_after_s or self.settings.call.retry_after_s
+            raise
+        finally:
+            if ticket is not None:
+                self.shedder.leave(ticket, refused)
+
+    async def _events(self, stream: ReplicaStream, shaper: Shaper, include_usage: bool,
+                      ticket: Ticket) -> AsyncIterator[dict]:
         """OpenAI stream chunks; a failure mid-stream becomes a final error event (then ``[DONE]``)."""
         last = stream.first
         assert last is not None
@@ -243,6 +269,7 @@ class Router:
                 yield shaper.usage_event(last)
         finally:
             stream.cancel()  # a disconnected client: stop the replica's generation, free its KV blocks
+            self.shedder.leave(ticket)
 
     async def _embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError

@@ -152,3 +152,42 @@ def test_overload_is_503_with_retry_after(server):
     assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
     rejected = next(r for r in responses if r.status_code == 503)
     assert rejected.headers["retry-after"] == "2" and rejected.json()["error"]["code"] == "overloaded"
+
+
+def test_a_full_model_is_refused_at_the_ingress_without_asking_it(server):
+    """Once a model refused for overload, the router answers the next 503s itself (no handle call) while
+    as many of its requests are in flight as then; they carry the same body and Retry-After.
+
+    The scenario needs the long stream to outlive the probes; when the machine ran it to its end first
+    (the queued request then got its slot), it is tried again, up to three times."""
+    import concurrent.futures
+
+    from ray import serve
+
+    from tests.integration.conftest import APP
+
+    router = serve.get_app_handle(APP)
+    stats = lambda: router.ingress_stats.remote().result()  # noqa: E731
+    stats()  # the handle is ready before the clock-sensitive part starts
+    body = {"model": "tight", "prompt": CODE, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    short = {**body, "stream": False, "max_tokens": 4}
+    for _attempt in range(3):
+        with httpx.Client(base_url=server, timeout=120) as c, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with c.stream("POST", "/v1/completions", json=body) as long:
+                assert long.status_code == 200
+                lines = long.iter_lines()  # held: a dropped iterator closes the stream (a disconnect, an abort)
+                assert next(line for line in lines if line.startswith("data: "))  # the one slot is taken
+                queued = pool.submit(c.post, "/v1/completions", json=short)  # waits in Serve's queue (1 place)
+                while stats()["in_flight"].get("tight", 0) < 2 and not queued.done():
+                    pass
+                before = stats()["shed"]
+                answers = [c.post("/v1/completions", json=short) for _ in range(5)]
+                shed = stats()["shed"] - before
+                valid = not queued.done()  # both were still in flight while the five were answered
+            assert queued.result().status_code == 200, queued.result().text  # it ran once the stream closed
+        if valid:
+            break
+    assert valid, "the long stream never outlived the probes"
+    assert all(r.status_code == 503 for r in answers), [r.status_code for r in answers]
+    assert all(r.headers["retry-after"] == "2" and r.json()["error"]["code"] == "overloaded" for r in answers)
+    assert shed == 4, shed  # the first was refused by Serve's queue limit, the other four by the router alone
