@@ -19,6 +19,7 @@ from ray.serve import Application
 
 from cluster.autoscaling import serve_autoscaling_config
 from cluster.config import ClusterConfig, ModelSpec
+from deployments.direct import DirectOptions
 from deployments.draft import DraftServer
 from deployments.embedding import EmbeddingServer
 from deployments.ingress.app import Router, RouterSettings
@@ -124,9 +125,11 @@ def build(args: dict[str, Any]) -> Application:
                     options.pop("draft_path"), options["num_speculative_tokens"],
                     options.get("max_model_len") or 1024, options.get("kv_cache_memory_bytes", 256 << 20),
                     compile=options.pop("compile_draft"))
+            direct = (DirectOptions(cfg.router.direct_host, router_settings(cfg).limits)
+                      if cfg.router.mode == "direct" else None)
             handles[m.name] = LLMServer.options(**_deployment_options(m)).bind(
                 m.name, source, m.engine, options, draft, admission=m.admission.limits(),
-                retry_after_s=cfg.router.retry_after_s)
+                retry_after_s=cfg.router.retry_after_s, direct=direct)
         else:
             handles[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
         on_demand = m.autoscaling is not None and m.autoscaling.min_replicas == 0

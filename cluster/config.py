@@ -144,6 +144,12 @@ class ModelSpec(_Strict):
 
 
 class RouterSpec(_Strict):
+    mode: Literal["serve", "direct"] = Field("serve", description="serve: every request through Serve's proxy "
+                                             "and the router; direct: a front HAProxy sends each request to a "
+                                             "replica of its model, which answers it itself (README: the "
+                                             "streaming path)")
+    direct_host: str = Field("127.0.0.1", description="mode direct: the address model replicas' own listeners "
+                             "bind (a node address reachable from the front proxy on multi-node clusters)")
     num_cpus: float = Field(0.25, ge=0)
     num_replicas: int = Field(1, ge=1)
     request_timeout_s: float = Field(Limits.request_timeout_s, gt=0, description="per-request deadline: past "

@@ -24,6 +24,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.admission import AdmissionLimits, LoadTracker, decide
+from deployments.direct import DirectListener, DirectOptions
 from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, TokenLogprob
 from parallel.chat_template import render_chat
 from parallel.engine_api import Engine
@@ -81,7 +82,8 @@ class LLMServer:
 
     def __init__(self, model_name: str, source: str, engine: str = "native",
                  engine_options: dict[str, Any] | None = None, draft: DeploymentHandle | None = None,
-                 admission: AdmissionLimits | None = None, retry_after_s: float = 1.0) -> None:
+                 admission: AdmissionLimits | None = None, retry_after_s: float = 1.0,
+                 direct: DirectOptions | None = None) -> None:
         self.model_name = model_name
         self.engine: Engine = make_engine(engine, source, dict(engine_options or {}), draft)
         self.tokenizer = self.engine.tokenizer
@@ -93,6 +95,10 @@ class LLMServer:
         self._ids = itertools.count()
         # NVML only where this replica runs its engine on a GPU; elsewhere the GPU signal is absent (not 0).
         self.gpu = GpuMonitor() if torch.cuda.is_available() else None
+        self.direct: DirectListener | None = None
+        if direct is not None:  # the hop-free path: this replica answers HTTP for its model itself
+            self.direct = DirectListener(model_name, self.generate_stream, direct.limits, self.engine.is_ready)
+            self.direct.start(direct.host)
         logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine, self.max_model_len)
 
     # ---- Serve hooks ------------------------------------------------------------------------------------
@@ -108,7 +114,7 @@ class LLMServer:
     # ---- API --------------------------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         return {"name": self.model_name, "engine": self.engine.info.engine, "max_model_len": self.max_model_len,
-                "ready": self.engine.is_ready()}
+                "ready": self.engine.is_ready(), "direct_port": self.direct.port if self.direct else None}
 
     async def stats(self) -> dict[str, Any]:
         load = self.load.snapshot()

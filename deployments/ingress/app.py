@@ -9,23 +9,24 @@ request's ``x-request-id``. Client mistakes are 4xx with OpenAI's error body, ov
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from deployments.ingress.generate import REPLICA_GONE, CallPolicy, ReplicaStream, generate_whole
 from deployments.ingress.openapi import openapi_document
-from deployments.ingress.protocol import INT32, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from deployments.ingress.resolve import ModelRoute, Resolver
 from deployments.ingress.responses import Shaper, embedding_response
+from deployments.ingress.routes import chat_call, completion_call, error_response, events, parse, respond
 from deployments.ingress.shed import Shedder, Ticket
 from deployments.ingress.stages import Admitted, Incoming, Limits, Pipeline, request_id
 from deployments.messages import ErrorInfo, GenerateRequest, ServeError, invalid, unavailable
@@ -40,39 +41,6 @@ class RouterSettings:
     limits: Limits = field(default_factory=Limits)
     call: CallPolicy = field(default_factory=CallPolicy)
     health_timeout_s: float = 5.0
-
-
-def validation_error(err: ValidationError) -> ServeError:
-    """The most telling pydantic error as a 400 naming the field (``messages.0.content``): for a union, the
-    branch of the input's own type (a type mismatch only says another branch was not meant), then the
-    deepest location."""
-    def clean(loc: tuple) -> list[str]:  # drop union-member tags (``str``, ``list[TextPart]``): not field names
-        return [str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or "-" in p))]
-
-    first = min(err.errors(), key=lambda e: (e["type"].endswith("_type"), -len(clean(e["loc"]))))
-    param = ".".join(clean(first["loc"])) or None
-    kind = first["type"]
-    code = _CODES.get(kind) or ("invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value")
-    if kind == "literal_error" and param and param.startswith("messages.") and param.endswith(".type"):
-        code = "unsupported_content"  # an image, audio or file part: this model reads text only
-    return invalid(f"{param}: {first['msg']}" if param else first["msg"], param=param, code=code)
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
-# pydantic's error type -> OpenAI's code (what its API answers for the same mistake); the rest: invalid_value
-_CODES = {"missing": "missing_required_parameter", "extra_forbidden": "unknown_parameter",
-          "json_invalid": "invalid_json"}
-
-
-def parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as err:
-        raise validation_error(err) from None
-
-
-def error_response(info: ErrorInfo) -> JSONResponse:
-    return JSONResponse(info.body(), status_code=info.status, headers=info.headers())
 
 
 @serve.deployment
@@ -131,10 +99,10 @@ class Router:
         return response
 
     async def _http_completions(self, a: Admitted) -> Response:
-        return self._respond(await self._completions(a, parse(CompletionRequest, a.body or {})))
+        return respond(await self._completions(a, parse(CompletionRequest, a.body or {})))
 
     async def _http_chat(self, a: Admitted) -> Response:
-        return self._respond(await self._chat(a, parse(ChatCompletionRequest, a.body or {})))
+        return respond(await self._chat(a, parse(ChatCompletionRequest, a.body or {})))
 
     async def _http_embeddings(self, a: Admitted) -> Response:
         return JSONResponse(await self._embeddings(parse(EmbeddingRequest, a.body or {})))
@@ -148,17 +116,6 @@ class Router:
 
     async def _http_openapi(self, a: Admitted) -> Response:
         return Response(self.openapi, media_type="application/json")
-
-    def _respond(self, result: dict[str, Any] | AsyncIterator[dict[str, Any]]) -> Response:
-        if isinstance(result, dict):
-            return JSONResponse(result)
-
-        async def sse() -> AsyncIterator[str]:
-            async for event in result:
-                yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # ---- Python API (the HTTP routes call the same code) ------------------------------------------------
     async def completions(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
@@ -209,19 +166,10 @@ class Router:
 
     # ---- internals --------------------------------------------------------------------------------------
     async def _completions(self, a: Admitted, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[dict]:
-        prompt = req.single_prompt()
-        gen = GenerateRequest(a.request_id, prompt=prompt if isinstance(prompt, str) else tuple(prompt),
-                              params=req.sampling_params(req.requested_max_tokens(), req.logprobs),
-                              deadline=a.deadline, model=req.model)
-        shaper = Shaper("completion", req.model, req.logprobs, echo=prompt if req.echo else "")  # type: ignore[arg-type]
-        return await self._generate(req, gen, shaper)
+        return await self._generate(req, *completion_call(a, req))
 
     async def _chat(self, a: Admitted, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[dict]:
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = req.requested_max_tokens()
-        gen = GenerateRequest(a.request_id, messages=req.turns(), params=req.sampling_params(max_tokens or INT32, top),
-                              fill_max_tokens=max_tokens is None, deadline=a.deadline, model=req.model)
-        return await self._generate(req, gen, Shaper("chat", req.model, top))
+        return await self._generate(req, *chat_call(a, req))
 
     def _admit_to(self, model: str, target: str) -> Ticket:
         """A ticket for one request to ``target``, or a 503 at once while its replicas are known full."""
@@ -240,8 +188,8 @@ class Router:
                 return shaper.whole(await generate_whole(handle, gen, self.settings.call))
             stream = ReplicaStream(handle, gen, self.settings.call)
             await stream.start()  # refusals (400, 503...) surface here, as a status, before the stream starts
-            events, ticket = self._events(stream, shaper, req.include_usage, ticket), None  # it leaves at the end
-            return events
+            done, ticket = functools.partial(self.shedder.leave, ticket), None  # the ticket leaves at the end
+            return events(stream, shaper, req.include_usage, done)
         except ServeError as err:
             if err.info.code == "overloaded":
                 refused = err.info.retry_after_s or self.settings.call.retry_after_s
@@ -249,27 +197,6 @@ class Router:
         finally:
             if ticket is not None:
                 self.shedder.leave(ticket, refused)
-
-    async def _events(self, stream: ReplicaStream, shaper: Shaper, include_usage: bool,
-                      ticket: Ticket) -> AsyncIterator[dict]:
-        """OpenAI stream chunks; a failure mid-stream becomes a final error event (then ``[DONE]``)."""
-        last = stream.first
-        assert last is not None
-        try:
-            for event in shaper.events(last):
-                yield event
-            async for item in stream.rest():
-                if isinstance(item, ErrorInfo):
-                    yield item.body()
-                    return
-                last = item
-                for event in shaper.events(item):
-                    yield event
-            if include_usage:
-                yield shaper.usage_event(last)
-        finally:
-            stream.cancel()  # a disconnected client: stop the replica's generation, free its KV blocks
-            self.shedder.leave(ticket)
 
     async def _embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError

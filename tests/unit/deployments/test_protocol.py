@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.ingress.app import parse
 from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from deployments.ingress.routes import parse
 from deployments.messages import ServeError
 
 BASE = {"model": "m", "prompt": "x"}

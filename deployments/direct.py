@@ -1,0 +1,164 @@
+"""A model replica that answers HTTP for its own model: the hop-free streaming path.
+
+On the Serve path a token crosses the Serve proxy, the router replica and the model replica, three Python
+processes that each handle every chunk. Here the model replica, the process that holds the engine client,
+listens itself (uvicorn on the replica's own event loop, a port of its own) and runs the same request
+pipeline and OpenAI routes as the router (``deployments/ingress/routes.py``); a front HAProxy
+(``deployments/front.py``) sends each request to a replica of the model its body names. Between the engine
+and the client socket a token then crosses one Python process, and every SSE line is encoded once.
+
+Routes: POST /v1/completions and /v1/chat/completions (for this model only), GET /health (this replica:
+200 while its engine is ready, for HAProxy's health checks). Everything else stays on the router.
+
+Example (in a replica; ``server`` has ``generate_stream``):
+    >>> listener = DirectListener("tiny-code-llama", server.generate_stream, Limits())  # doctest: +SKIP
+    >>> port = await listener.start("127.0.0.1")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.ingress.routes import chat_call, completion_call, error_response, events, parse, respond
+from deployments.ingress.stages import Incoming, Limits, Pipeline, request_id
+from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, invalid
+
+logger = logging.getLogger("ray.serve")
+
+Generate = Callable[[GenerateRequest], AsyncIterator["Chunk | ErrorInfo"]]
+
+
+@dataclass(frozen=True)
+class DirectOptions:
+    """Config: ``router.mode: direct``. ``host``: the address the replica's listener binds (the node's)."""
+
+    host: str = "127.0.0.1"
+    limits: Limits = field(default_factory=Limits)
+
+
+class LocalStream:
+    """A generation in this process, with the router's ReplicaStream interface (no retry: nothing else
+    could answer a refusal here; the front's health check moves traffic off a failing replica)."""
+
+    def __init__(self, generate: Generate, request: GenerateRequest) -> None:
+        self._gen = generate(request)
+        self._closing: asyncio.Future | None = None
+        self.first: Chunk | None = None
+
+    async def start(self) -> Chunk:
+        try:
+            first = await self._gen.__anext__()
+        except StopAsyncIteration:
+            raise ServeError(ErrorInfo(500, "the replica ended the stream without output",
+                                       code="internal_error")) from None
+        if isinstance(first, ErrorInfo):
+            await self._gen.aclose()
+            raise ServeError(first)
+        self.first = first
+        return first
+
+    async def rest(self) -> AsyncIterator[Chunk | ErrorInfo]:
+        async for item in self._gen:
+            yield item
+
+    def cancel(self) -> None:
+        # Closing the generator runs the engine's abort (its ``finally``) on the next loop turn.
+        self._closing = asyncio.ensure_future(self._gen.aclose())
+
+
+class DirectApp:
+    """The ASGI app of one model replica's own listener."""
+
+    def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool]) -> None:
+        self.model, self.generate, self.ready = model, generate, ready
+        self.pipeline = Pipeline(limits)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # lifespan and websockets: nothing to do here
+            return
+        request = Request(scope, receive)
+        response = await self.handle(request)
+        await response(scope, receive, send)
+
+    async def handle(self, request: Request) -> Response:
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        rid = request_id(headers)
+        try:
+            if (method, path) == ("GET", "/health"):
+                ok = self.ready()
+                response: Response = JSONResponse({"status": "ok" if ok else "unavailable", "model": self.model},
+                                                  status_code=200 if ok else 503)
+            elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+                a = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid)
+                schema = CompletionRequest if path == "/v1/completions" else ChatCompletionRequest
+                req = parse(schema, a.body or {})
+                if req.model != self.model:
+                    raise ServeError(ErrorInfo(404, f"model {req.model!r} is not served on this port (it serves "
+                                               f"{self.model!r})", param="model", code="model_not_found"))
+                gen, shaper = (completion_call if schema is CompletionRequest else chat_call)(a, req)
+                stream = LocalStream(self.generate, gen)
+                if req.streaming:
+                    await stream.start()
+                    response = respond(events(stream, shaper, req.include_usage))
+                else:
+                    chunks = [await stream.start()]
+                    async for item in stream.rest():
+                        if isinstance(item, ErrorInfo):
+                            raise ServeError(item)
+                        chunks.append(item)
+                    response = respond(shaper.whole(chunks))
+            else:
+                raise invalid(f"no route {method} {path} on a model's own port", code="not_found", status=404)
+        except ServeError as err:
+            response = error_response(err.info)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception:
+            logger.exception("request %s %s %s failed", rid, method, path)
+            response = error_response(ErrorInfo(500, f"internal error (request {rid})", code="internal_error"))
+        response.headers["x-request-id"] = rid
+        return response
+
+
+class DirectListener:
+    """uvicorn serving a ``DirectApp`` on this process's running event loop, on a port of its own."""
+
+    def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool]) -> None:
+        self.app = DirectApp(model, generate, limits, ready)
+        self.port: int | None = None
+        self._server: Any = None
+        self._task: asyncio.Task | None = None
+
+    def start(self, host: str, port: int = 0) -> int:
+        """Bind now (so the port is known at once) and serve on the running loop; returns the port."""
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_keep_alive=75)
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # the replica owns its signals
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        logger.info("model %s answers HTTP directly on %s:%d", self.app.model, host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            await asyncio.wait([self._task], timeout=5)
