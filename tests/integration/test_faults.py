@@ -38,17 +38,23 @@ def victim_pids() -> dict[int, list[int]]:
     raise AssertionError(f"two ready replicas of {MODEL} not found: {found}")
 
 
+CUT = "<connection cut>"  # the stream's last item when the connection ended without a complete body
+
+
 def stream_until_killed(base: str, started: concurrent.futures.Future | None) -> list[str]:
     events: list[str] = []
     with httpx.Client(base_url=base, timeout=120) as c, c.stream(
             "POST", "/v1/completions", json={"model": MODEL, "prompt": CODE, "max_tokens": 900, "ignore_eos": True,
                                              "stream": True}) as r:
         assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line.removeprefix("data: "))
-                if len(events) == 2 and started is not None and not started.done():
-                    started.set_result(True)
+        try:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    if len(events) == 2 and started is not None and not started.done():
+                        started.set_result(True)
+        except httpx.RemoteProtocolError:  # chunked body never terminated: the client library raises
+            events.append(CUT)
     return events
 
 
@@ -111,12 +117,29 @@ def test_killed_engine_processes_fail_in_flight_requests_and_heal(server):
     assert not {p for g in after.values() for p in g} & set(engines)
 
 
-def test_killed_replica_ends_streams_with_an_error_and_heals(server):
+def test_killed_replica_ends_streams_with_an_error_and_heals(router_url):
+    """The router path: the router outlives the replica, so it ends the replica's streams with an error event."""
+    replica_killed_and_healed(router_url, check_stream_ended_cleanly)
+
+
+def test_killed_replica_on_the_direct_path(server):
+    """The direct path: the killed replica held its streams' sockets, so they end cut, and the client library
+    raises (an unterminated chunked body), never a stream that looks complete; streams on the other replica
+    finish; unary requests are retried by the front on the live replica (or 503); the front stops sending
+    to the dead listener and the replacement registers."""
+    def check(events: list[str]) -> None:
+        if events[-1] != CUT:
+            check_stream_ended_cleanly(events)
+
+    replica_killed_and_healed(server, check)
+
+
+def replica_killed_and_healed(server: str, check) -> None:
     pids = victim_pids()
     doomed = next(iter(pids))
     results, answers, killed_at = under_load_kill(server, [doomed], n_unary=3)
     for events in results:
-        check_stream_ended_cleanly(events)
+        check(events)
     for r in answers:  # a unary request on the dead replica is retried once on the other: 200 or a clean 503
         assert r.status_code in (200, 503), r.text
         if r.status_code == 503:
