@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -62,7 +63,10 @@ def launch(cfg_file: str) -> None:
     signal.signal(signal.SIGUSR1, lambda *_: ask.set())
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _temp_dir=cfg["ray_temp"], log_to_driver=False)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": cfg["port"]})
-    serve.run(build(app["args"]), name=app["name"], route_prefix=app["route_prefix"])
+    args = app["args"]
+    if args.get("router", {}).get("mode") == "direct":  # the client's port is the front proxy's; Serve's another
+        args["router"]["direct_port"] = cfg["front_port"]
+    serve.run(build(args), name=app["name"], route_prefix=app["route_prefix"])
     print("modelfleet ready", flush=True)
     while not stop.wait(0.1):
         if ask.is_set():
@@ -80,9 +84,11 @@ def launch(cfg_file: str) -> None:
 class Server:
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="mfp-", dir="/tmp"))  # short: Ray's socket paths must fit
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cfg = {"ray_temp": str(self.tmp / "ray"), "port": self.port, "pids": str(self.tmp / "pids.json")}
+        self.port, front = free_port(), free_port()
+        router = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["applications"][0]["args"]["router"]
+        self.base = f"http://127.0.0.1:{front if router.get('mode') == 'direct' else self.port}"
+        cfg = {"ray_temp": str(self.tmp / "ray"), "port": self.port, "front_port": front,
+               "pids": str(self.tmp / "pids.json")}
         (self.tmp / "cfg.json").write_text(json.dumps(cfg))
         env = os.environ | {"TMPDIR": str(self.tmp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                             "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}

@@ -149,7 +149,7 @@ class RouterSpec(_Strict):
                                              "replica of its model, which answers it itself (README: the "
                                              "streaming path)")
     direct_host: str = Field("127.0.0.1", description="mode direct: the address model replicas' own listeners "
-                             "bind (a node address reachable from the front proxy on multi-node clusters)")
+                             "bind; 'node': each replica's node address (multi-node clusters)")
     direct_listen: str = Field("127.0.0.1", description="mode direct: the address the front proxy listens on")
     direct_port: int = Field(8000, ge=1, le=65535, description="mode direct: the front proxy's port, the one "
                              "clients use (Serve's own http_options.port must then be another)")

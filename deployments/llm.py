@@ -97,10 +97,13 @@ class LLMServer:
         self.gpu = GpuMonitor() if torch.cuda.is_available() else None
         self.direct: DirectListener | None = None
         if direct is not None:  # the hop-free path: this replica answers HTTP for its model itself
+            import ray
+
+            host = ray.util.get_node_ip_address() if direct.host == "node" else direct.host
             self.direct = DirectListener(model_name, self.generate_stream, direct.limits, self.engine.is_ready)
-            self.direct.start(direct.host)
+            self.direct.start(host)
             if front is not None:
-                self._heartbeat = asyncio.get_running_loop().create_task(self._announce(front, direct.host))
+                self._heartbeat = asyncio.get_running_loop().create_task(self._announce(front, host))
         logger.info("model %s ready on the %s engine (max_model_len %d)", model_name, engine, self.max_model_len)
 
     # ---- Serve hooks ------------------------------------------------------------------------------------

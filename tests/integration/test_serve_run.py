@@ -47,9 +47,11 @@ def temp_dir():
 
 
 def test_serve_run_default_config(temp_dir):
-    port = free_port()
+    port, serve_port = free_port(), free_port()  # the front proxy's (clients) and Serve's own
     config = Path(temp_dir) / "default.yaml"
-    config.write_text((REPO / "configs" / "default.yaml").read_text().replace("port: 8000", f"port: {port}"))
+    config.write_text((REPO / "configs" / "default.yaml").read_text().replace("direct_port: 8000", f"direct_port: "
+                                                                              f"{port}").replace("port: 8001",
+                                                                                                 f"port: {serve_port}"))
     proc = _start(config, temp_dir)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -59,6 +61,15 @@ def test_serve_run_default_config(temp_dir):
             "model": "tiny-code-llama", "prompt": "def fibonacci(n):", "max_tokens": 24, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"].strip()
+        from deployments.front import haproxy_binary
+
+        if haproxy_binary() is not None:  # the default config runs the direct path (once the front knows it)
+            deadline = time.monotonic() + 60
+            while r.headers.get("x-modelfleet-path") != "direct" and time.monotonic() < deadline:
+                time.sleep(0.5)
+                r = httpx.post(f"{base}/v1/completions", timeout=60, json={
+                    "model": "tiny-code-llama", "prompt": "def f():", "max_tokens": 4})
+            assert r.status_code == 200 and r.headers.get("x-modelfleet-path") == "direct", r.headers
         e = httpx.post(f"{base}/v1/embeddings", timeout=60, json={"model": "all-minilm-l6-v2", "input": "hi"})
         assert e.status_code == 200 and len(e.json()["data"][0]["embedding"]) == 384
     finally:
@@ -69,7 +80,7 @@ def test_serve_run_default_config(temp_dir):
 def test_serve_run_reports_an_invalid_config_with_the_field(temp_dir):
     config = Path(temp_dir) / "bad.yaml"
     config.write_text((REPO / "configs" / "default.yaml").read_text()
-                      .replace("engine: native", "engine: tgi").replace("port: 8000", f"port: {free_port()}"))
+                      .replace("engine: native", "engine: tgi").replace("port: 8001", f"port: {free_port()}"))
     proc = _start(config, temp_dir)
     log = Path(proc.log_path)  # type: ignore[attr-defined]
     try:

@@ -125,3 +125,35 @@ def test_autoscaling_maps_to_serve_configs():
                                                           "target_ongoing_requests": 3})).models[0]
     cfg = _deployment_options(base)["autoscaling_config"]
     assert "policy" not in cfg and cfg["target_ongoing_requests"] == 3
+
+
+def _deployments(app) -> set[str]:
+    """Names of every deployment bound into an application graph (walking the bound arguments)."""
+    from ray.serve.deployment import Application
+
+    seen, todo = set(), [app]
+    while todo:
+        a = todo.pop()
+        node = a._bound_deployment
+        seen.add(node.name)
+        args = [*node.init_args, *node.init_kwargs.values()]
+        for arg in args:
+            todo.extend(x for x in (arg.values() if isinstance(arg, dict) else [arg]) if isinstance(x, Application))
+    return seen
+
+
+def test_router_mode_direct_adds_the_front_proxy(monkeypatch):
+    import cluster.app
+    from cluster.app import build
+    from deployments.front import HAPROXY_ENV, haproxy_binary
+    from deployments.front_proxy import FRONT_NAME
+
+    direct = {**_cfg(), "router": {"mode": "direct", "direct_port": 8123}}
+    if haproxy_binary() is not None:
+        assert FRONT_NAME in _deployments(build(direct))
+    assert FRONT_NAME not in _deployments(build(_cfg()))  # mode serve: no front
+    monkeypatch.setenv(HAPROXY_ENV, "/nonexistent/haproxy")
+    said: list[str] = []
+    monkeypatch.setattr(cluster.app.logger, "warning", lambda msg, *a: said.append(msg % a))
+    assert FRONT_NAME not in _deployments(build(direct))  # no haproxy: the router path, said once
+    assert len(said) == 1 and "serving on the router path instead" in said[0]
