@@ -96,11 +96,14 @@ class RandomLlamaSpec:
     vocab_size: int
     max_position_embeddings: int = 2048
     seed: int = 0
+    tokenizer_from: str | None = None  # a shipped model whose tokenizer files are copied (vocab sizes match)
 
 
 RANDOM_MODELS: dict[str, RandomLlamaSpec] = {
     "random-100m": RandomLlamaSpec(768, 12, 12, 4, 2048, 32000),
     "random-tiny": RandomLlamaSpec(128, 2, 4, 2, 256, 1000, max_position_embeddings=1024),
+    # ~104M parameters with the shipped code model's tokenizer: servable by every target (text out)
+    "random-100m-code": RandomLlamaSpec(768, 12, 12, 4, 3072, 4096, tokenizer_from="tiny-code-llama"),
 }
 
 
@@ -123,6 +126,9 @@ def ensure_random_llama(name: str, spec: RandomLlamaSpec) -> Path:
     model = LlamaForCausalLM(config).to(torch.float32)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
+    if spec.tokenizer_from:
+        for f in (ROOT / "models" / spec.tokenizer_from).glob("*token*"):
+            shutil.copy(f, folder / f.name)
     stamp.write_text(json.dumps(asdict(spec)))
     return folder
 

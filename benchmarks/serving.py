@@ -73,12 +73,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    RANDOM_MODELS,
     Outcome,
     check_imports,
     code_facts,
     git_worktree,
     machine_info,
     markdown_table,
+    model_path,
     pct,
     report_imports,
     stream_completion,
@@ -434,7 +436,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, code: d
 # ---- main ---------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "tiny-code-llama"), help="local HF folder")
+    p.add_argument("--model", default=str(ROOT / "models" / "tiny-code-llama"),
+                   help=f"local HF folder, or a random model created on first use: {', '.join(RANDOM_MODELS)}")
     p.add_argument("--num-prompts", type=int, help="default 64 (--quick: 8)")
     p.add_argument("--input-len", type=int, help="prompt tokens, default 128 (--quick: 16)")
     p.add_argument("--output-len", type=int, help="output tokens, default 128 (--quick: 16)")
@@ -472,7 +475,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.baseline and subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
                                          f"{args.baseline}^{{commit}}"], capture_output=True).returncode:
         p.error(f"--baseline {args.baseline!r} is not a commit of this repository")
-    args.model = str(Path(args.model).resolve())
+    args.model = str(model_path(args.model) if args.model in RANDOM_MODELS else Path(args.model).resolve())
     return args
 
 
