@@ -27,6 +27,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from deployments.ingress.generate import loop_deadline, timeout_error
 from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.ingress.routes import chat_call, completion_call, error_response, events, parse, respond
 from deployments.ingress.stages import Incoming, Limits, Pipeline, request_id
@@ -50,16 +51,22 @@ class LocalStream:
     could answer a refusal here; the front's health check moves traffic off a failing replica)."""
 
     def __init__(self, generate: Generate, request: GenerateRequest) -> None:
+        self.request = request
         self._gen = generate(request)
         self._closing: asyncio.Future | None = None
         self.first: Chunk | None = None
 
     async def start(self) -> Chunk:
+        """The first chunk, or ServeError (a refusal; 504 past the request's deadline)."""
         try:
-            first = await self._gen.__anext__()
+            async with asyncio.timeout_at(loop_deadline(self.request.deadline)):
+                first = await self._gen.__anext__()
         except StopAsyncIteration:
             raise ServeError(ErrorInfo(500, "the replica ended the stream without output",
                                        code="internal_error")) from None
+        except TimeoutError:
+            self.cancel()
+            raise ServeError(timeout_error(self.request.request_id)) from None
         if isinstance(first, ErrorInfo):
             await self._gen.aclose()
             raise ServeError(first)
@@ -67,8 +74,13 @@ class LocalStream:
         return first
 
     async def rest(self) -> AsyncIterator[Chunk | ErrorInfo]:
-        async for item in self._gen:
-            yield item
+        """The chunks after the first; past the deadline a final 504 item (the generation is aborted)."""
+        try:
+            async with asyncio.timeout_at(loop_deadline(self.request.deadline)):
+                async for item in self._gen:
+                    yield item
+        except TimeoutError:
+            yield timeout_error(self.request.request_id)
 
     def cancel(self) -> None:
         # Closing the generator runs the engine's abort (its ``finally``) on the next loop turn.

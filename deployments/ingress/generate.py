@@ -98,7 +98,7 @@ class ReplicaStream:
         """The chunks after the first; a failure becomes a final ErrorInfo item (never an exception)."""
         req = self.request
         try:
-            async with asyncio.timeout_at(_loop_deadline(req.deadline)):
+            async with asyncio.timeout_at(loop_deadline(req.deadline)):
                 async for item in self._stream:
                     yield item
                     if isinstance(item, ErrorInfo):
@@ -117,7 +117,7 @@ class ReplicaStream:
             self._stream.cancel()  # a client that left, or a deadline: abort the generation, free its blocks
 
 
-def _loop_deadline(deadline: float | None) -> float | None:
+def loop_deadline(deadline: float | None) -> float | None:
     """A wall-clock deadline as a time of the running loop's clock."""
     if deadline is None:
         return None
