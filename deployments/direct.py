@@ -74,17 +74,53 @@ class LocalStream:
         return first
 
     async def rest(self) -> AsyncIterator[Chunk | ErrorInfo]:
-        """The chunks after the first; past the deadline a final 504 item (the generation is aborted)."""
-        try:
-            async with asyncio.timeout_at(loop_deadline(self.request.deadline)):
-                async for item in self._gen:
-                    yield item
-        except TimeoutError:
-            yield timeout_error(self.request.request_id)
+        """The chunks after the first; past the deadline a final 504 item (the generation is aborted). The
+        deadline bounds each wait for the engine, never a yield: a slow reader is the caller's to handle."""
+        deadline = loop_deadline(self.request.deadline)
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await self._gen.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                yield timeout_error(self.request.request_id)
+                return
+            yield item
 
     def cancel(self) -> None:
         # Closing the generator runs the engine's abort (its ``finally``) on the next loop turn.
         self._closing = asyncio.ensure_future(self._gen.aclose())
+
+
+async def whole(stream: LocalStream) -> list[Chunk]:
+    chunks = [await stream.start()]
+    async for item in stream.rest():
+        if isinstance(item, ErrorInfo):
+            raise ServeError(item)
+        chunks.append(item)
+    return chunks
+
+
+async def until_disconnect(request: Request, work: Any, stream: LocalStream) -> Any:
+    """``work``'s result, unless the client leaves first: then the generation is aborted (its slot freed)
+    and ClientDisconnect raised. The router path gets this from Serve cancelling the call."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    stream.cancel()
+    raise ClientDisconnect()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class DirectApp:
@@ -93,13 +129,19 @@ class DirectApp:
     def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool]) -> None:
         self.model, self.generate, self.ready = model, generate, ready
         self.pipeline = Pipeline(limits)
+        self.in_flight = 0  # requests being answered (a draining replica waits for them)
+        self.draining = False  # set at shutdown: /health answers 503, so the front stops sending here
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":  # lifespan and websockets: nothing to do here
             return
-        request = Request(scope, receive)
-        response = await self.handle(request)
-        await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            request = Request(scope, receive)
+            response = await self.handle(request)
+            await response(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
     async def handle(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
@@ -107,7 +149,7 @@ class DirectApp:
         rid = request_id(headers)
         try:
             if (method, path) == ("GET", "/health"):
-                ok = self.ready()
+                ok = self.ready() and not self.draining
                 response: Response = JSONResponse({"status": "ok" if ok else "unavailable", "model": self.model},
                                                   status_code=200 if ok else 503)
             elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
@@ -119,16 +161,11 @@ class DirectApp:
                                                f"{self.model!r})", param="model", code="model_not_found"))
                 gen, shaper = (completion_call if schema is CompletionRequest else chat_call)(a, req)
                 stream = LocalStream(self.generate, gen)
-                if req.streaming:
-                    await stream.start()
+                if req.streaming:  # once streaming, Starlette watches for the client leaving
+                    await until_disconnect(request, stream.start(), stream)
                     response = respond(events(stream, shaper, req.include_usage))
                 else:
-                    chunks = [await stream.start()]
-                    async for item in stream.rest():
-                        if isinstance(item, ErrorInfo):
-                            raise ServeError(item)
-                        chunks.append(item)
-                    response = respond(shaper.whole(chunks))
+                    response = respond(shaper.whole(await until_disconnect(request, whole(stream), stream)))
             else:
                 raise invalid(f"no route {method} {path} on a model's own port", code="not_found", status=404)
         except ServeError as err:
@@ -170,7 +207,15 @@ class DirectListener:
         logger.info("model %s answers HTTP directly on %s:%d", self.app.model, host, self.port)
         return self.port
 
-    async def stop(self) -> None:
+    async def stop(self, drain_s: float = 30.0) -> None:
+        """Drain: /health turns 503 (the front takes this replica out within a second), the requests in
+        flight finish (up to ``drain_s``), then the listener closes."""
+        self.app.draining = True
+        loop = asyncio.get_running_loop()
+        until = loop.time() + drain_s
+        await asyncio.sleep(1.0)  # the front's checks (250 ms apart once failing, 2 to mark it down)
+        while self.app.in_flight and loop.time() < until:
+            await asyncio.sleep(0.1)
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:

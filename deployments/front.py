@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -199,7 +200,7 @@ class HAProxyProcess:
         if old is not None and old.poll() is None:
             cmd += ["-sf", str(old.pid)]  # the old process stops listening, finishes its streams, exits
         with open(self.dir / "haproxy.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, preexec_fn=_die_with_parent)
         if old is not None:
             self.reloads += 1
             self._old.append(old)
@@ -211,11 +212,27 @@ class HAProxyProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self) -> None:
-        for proc in [*self._old, self.proc]:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Soft stop (SIGUSR1: stop listening, let the streams in flight finish), then a kill after grace_s."""
+        procs = [p for p in [*self._old, self.proc] if p is not None and p.poll() is None]
+        for proc in procs:
+            proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: haproxy gets SIGTERM when the thread that started it ends (Linux): the
+    replica's event-loop thread or a thread of its default executor, which live as long as the replica; so
+    a front replica that is killed leaves no haproxy holding the port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:  # not Linux: the replica's own stop() is the only stop
+        pass

@@ -76,12 +76,15 @@ class FrontProxy:
                 try:
                     config = render(self.spec, self.registry.servers(), str(self.proc.dir))
                     await asyncio.to_thread(self.proc.apply, config)
-                except Exception:  # keep serving the previous config; the next change tries again
+                except Exception:  # keep serving the previous config and try again on the next turn
+                    self._dirty = True
                     logger.exception("front proxy: reload failed")
 
     def check_health(self) -> None:
         if not self.proc.alive():
             raise RuntimeError("the front proxy's haproxy is not running")
 
-    def __del__(self) -> None:
-        self.proc.stop()
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown: no more reloads, then haproxy's soft stop (its streams finish)."""
+        self._task.cancel()
+        await asyncio.to_thread(self.proc.stop)

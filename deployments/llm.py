@@ -96,6 +96,7 @@ class LLMServer:
         # NVML only where this replica runs its engine on a GPU; elsewhere the GPU signal is absent (not 0).
         self.gpu = GpuMonitor() if torch.cuda.is_available() else None
         self.direct: DirectListener | None = None
+        self._front, self._heartbeat = front, None
         if direct is not None:  # the hop-free path: this replica answers HTTP for its model itself
             import ray
 
@@ -116,10 +117,28 @@ class LLMServer:
         An engine process that died and is restarting in place is not a reason: it is back in seconds."""
         await asyncio.to_thread(self.engine.check_health)
 
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown (scale-down, redeploy): leave the front, let the listener's requests
+        finish (its /health turns 503 at once), then close it. Serve waits graceful_shutdown_timeout_s (20 s)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self.direct is None:
+            return
+        if self._front is not None:
+            try:
+                await asyncio.wait_for(self._front.unregister.remote(self.model_name, self._key()), timeout=2)
+            except Exception as err:  # the front is gone too (the app is being deleted): nothing to leave
+                logger.info("model %s: could not leave the front proxy (%s)", self.model_name, type(err).__name__)
+        await self.direct.stop(drain_s=15.0)
+
+    @staticmethod
+    def _key() -> str:
+        return serve.get_replica_context().replica_id.unique_id
+
     async def _announce(self, front: DeploymentHandle, host: str) -> None:
         """Tell the front proxy where this replica listens, and keep telling it (it forgets the silent)."""
         assert self.direct is not None and self.direct.port is not None
-        key = serve.get_replica_context().replica_id.unique_id
+        key = self._key()
         while True:
             try:
                 await front.register.remote(self.model_name, key, host, self.direct.port)

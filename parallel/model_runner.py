@@ -111,7 +111,7 @@ class ModelRunner:
         seeded = {rid: g.get_state() for rid, g in gens.items() if g is not None}
         try:
             tokens, lps = self.sampler(logits, params, [gens[s.request_id] for s in sampled])
-        except Exception:
+        except Exception as batch_err:
             logger.exception("batched sampling of %d requests failed: sampling them one by one", len(sampled))
             for rid, state in seeded.items():
                 gens[rid].set_state(state)  # type: ignore[union-attr]
@@ -125,6 +125,9 @@ class ModelRunner:
                     t, e = -1, None
                 tokens.append(t)
                 lps.append(e)
+            if len(sampled) > 1 and len(failed) == len(sampled):  # no one request's fault: the step failed
+                failed.clear()
+                raise batch_err
         emitted = {s.request_id: (t,) for s, t in zip(sampled, tokens, strict=True) if s.request_id not in failed}
         logprobs = {s.request_id: (e,) for s, e in zip(sampled, lps, strict=True)
                     if e is not None and s.request_id not in failed}

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,19 @@ class RouterSettings:
     limits: Limits = field(default_factory=Limits)
     call: CallPolicy = field(default_factory=CallPolicy)
     health_timeout_s: float = 5.0
+
+
+def once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` that runs at most once however often it is called."""
+    ran = False
+
+    def call() -> None:
+        nonlocal ran
+        if not ran:
+            ran = True
+            fn()
+
+    return call
 
 
 @serve.deployment
@@ -188,8 +202,11 @@ class Router:
                 return shaper.whole(await generate_whole(handle, gen, self.settings.call))
             stream = ReplicaStream(handle, gen, self.settings.call)
             await stream.start()  # refusals (400, 503...) surface here, as a status, before the stream starts
-            done, ticket = functools.partial(self.shedder.leave, ticket), None  # the ticket leaves at the end
-            return events(stream, shaper, req.include_usage, done)
+            done, ticket = once(functools.partial(self.shedder.leave, ticket)), None
+            out = events(stream, shaper, req.include_usage, done)  # the ticket leaves when the stream ends,
+            weakref.finalize(out, done)  # or when the stream is dropped unstarted (its finally never runs)
+            weakref.finalize(out, stream.cancel)
+            return out
         except ServeError as err:
             if err.info.code == "overloaded":
                 refused = err.info.retry_after_s or self.settings.call.retry_after_s

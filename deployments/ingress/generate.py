@@ -95,20 +95,27 @@ class ReplicaStream:
         raise AssertionError("unreachable")
 
     async def rest(self) -> AsyncIterator[Chunk | ErrorInfo]:
-        """The chunks after the first; a failure becomes a final ErrorInfo item (never an exception)."""
-        req = self.request
+        """The chunks after the first; a failure becomes a final ErrorInfo item (never an exception). The
+        deadline bounds each wait for the replica, never a yield (a slow reader is the caller's to handle)."""
+        req, deadline = self.request, loop_deadline(self.request.deadline)
         try:
-            async with asyncio.timeout_at(loop_deadline(req.deadline)):
-                async for item in self._stream:
-                    yield item
-                    if isinstance(item, ErrorInfo):
-                        return
-        except TimeoutError:
-            yield timeout_error(req.request_id)
-        except (*REPLICA_GONE, RequestCancelledError) as err:
-            logger.warning("request %s: replica of %s failed mid-stream (%s)", req.request_id, req.model,
-                           type(err).__name__)
-            yield _gone(req.model, self.policy, err).info
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        item = await self._stream.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    yield timeout_error(req.request_id)
+                    return
+                except (*REPLICA_GONE, RequestCancelledError) as err:
+                    logger.warning("request %s: replica of %s failed mid-stream (%s)", req.request_id, req.model,
+                                   type(err).__name__)
+                    yield _gone(req.model, self.policy, err).info
+                    return
+                yield item
+                if isinstance(item, ErrorInfo):
+                    return
         finally:
             self.cancel()
 

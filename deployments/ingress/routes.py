@@ -105,9 +105,11 @@ async def events(stream: Stream, shaper: Shaper, include_usage: bool,
         if include_usage:
             yield shaper.usage_event(last)
     finally:
-        stream.cancel()  # a disconnected client: stop the generation, free its KV blocks
-        if on_end is not None:
-            on_end()
+        try:
+            stream.cancel()  # a disconnected client: stop the generation, free its KV blocks
+        finally:
+            if on_end is not None:
+                on_end()
 
 
 def respond(result: dict[str, Any] | AsyncIterator[dict[str, Any]]) -> Response:

@@ -73,3 +73,21 @@ def test_disconnect_mid_stream_frees_blocks(server, engine):
             return
         time.sleep(0.2)
     raise AssertionError(f"request not aborted or blocks not freed after disconnect: {now}")
+
+
+@pytest.mark.parametrize("engine", ["native", "vllm"])
+def test_disconnect_while_waiting_for_a_unary_answer_frees_blocks(server, engine):
+    """A unary request whose client leaves before the answer: the generation is aborted, not finished
+    (on the direct path the replica watches the connection; on the router path Serve cancels the call)."""
+    stats = serve.get_deployment_handle(engine, app_name=APP).stats
+    aborted_before = stats.remote().result()["num_aborted"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(f"{server}/v1/completions", timeout=httpx.Timeout(60, read=0.5),
+                   json={"model": engine, "prompt": CODE, "max_tokens": 1000, "ignore_eos": True})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = stats.remote().result()
+        if now["kv_blocks_used"] == 0 and now["num_running"] == 0 and now["num_aborted"] > aborted_before:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"request not aborted or blocks not freed after the client left: {now}")
