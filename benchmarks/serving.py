@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"baseline {args.baseline} = {code['baseline']['commit'][:10]}, checked out in {worktree}")
         for rnd in range(1, args.rounds + 1):
             for t in args.targets:  # the twin of a modelfleet target runs first, right before it
-                for baseline in ([True, False] if args.baseline and t in ("mf-vllm", "mf-native") else [False]):
+                for baseline in ([True, False] if args.baseline and t.startswith("mf-") else [False]):
                     key = (f"{t}@{args.baseline}" if baseline else t) + (f" r{rnd}" if args.rounds > 1 else "")
                     desc = TARGETS[t] + (f", code of {code['baseline']['commit'][:10]}" if baseline else "")
                     res = run_target(key, t, worktree if baseline else ROOT, args, int(config["vocab_size"]))
