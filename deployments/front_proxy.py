@@ -64,9 +64,6 @@ class FrontProxy:
     async def servers(self) -> dict[str, list[dict[str, Any]]]:
         return {m: [dataclasses.asdict(s) for s in ss] for m, ss in self.registry.servers().items()}
 
-    async def reloads(self) -> int:
-        return self.proc.reloads
-
     async def _keep(self) -> None:
         """Apply replica-set changes (coalesced: at most one reload per 0.2 s)."""
         while True:
