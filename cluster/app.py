@@ -30,6 +30,8 @@ from deployments.ingress.generate import CallPolicy
 from deployments.ingress.resolve import ModelRoute, Target
 from deployments.ingress.stages import Limits
 from deployments.llm import LLMServer
+from deployments.request_log import RequestLogConfig
+from deployments.telemetry import Observability
 
 logger = logging.getLogger("ray.serve")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,13 +105,20 @@ def _engine_options(m: ModelSpec, models: dict[str, ModelSpec] | None = None) ->
     return options
 
 
+def observability(cfg: ClusterConfig) -> Observability:
+    o = cfg.observability
+    return Observability(metrics=o.metrics, push_interval_s=o.push_interval_s,
+                         request_log=RequestLogConfig(**o.request_log.model_dump()), drift=o.drift,
+                         drift_windows=(o.drift_baseline_requests, o.drift_window_s, o.drift_min_recent))
+
+
 def router_settings(cfg: ClusterConfig) -> RouterSettings:
     r = cfg.router
     return RouterSettings(
         limits=Limits(max_body_bytes=r.max_body_bytes, max_json_depth=r.max_json_depth,
                       request_timeout_s=r.request_timeout_s),
         call=CallPolicy(retry_after_s=r.retry_after_s, cold_start_timeout_s=r.cold_start_timeout_s),
-        health_timeout_s=r.health_timeout_s)
+        health_timeout_s=r.health_timeout_s, observability=observability(cfg))
 
 
 def _front(cfg: ClusterConfig) -> Application | None:
@@ -145,9 +154,10 @@ def build(args: dict[str, Any]) -> Application:
             direct = DirectOptions(cfg.router.direct_host, router_settings(cfg).limits) if front else None
             handles[m.name] = LLMServer.options(**_deployment_options(m)).bind(
                 m.name, source, m.engine, options, draft, admission=m.admission.limits(),
-                retry_after_s=cfg.router.retry_after_s, direct=direct, front=front)
+                retry_after_s=cfg.router.retry_after_s, direct=direct, front=front, observability=observability(cfg))
         else:
-            handles[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source)
+            handles[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source,
+                                                                                     observability(cfg))
         on_demand = m.autoscaling is not None and m.autoscaling.min_replicas == 0
         routes.append(ModelRoute(m.name, m.kind, (Target(m.name),), on_demand=on_demand))
     r = cfg.router

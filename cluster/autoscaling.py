@@ -43,7 +43,9 @@ Combination rule, with ``n`` = running replicas:
   scale-down the same way (``behavior.scaleDown.policies``).
 
 Every change is logged on the ``ray.serve`` logger with its driver, e.g.
-``tiny-code-llama: 1 -> 2 (queue depth 9.5/replica > target 4)``.
+``tiny-code-llama: 1 -> 2 (queue depth 9.5/replica > target 4)``. Serve calls :func:`serve_policy`, which
+is :func:`decide` plus the export of each tick's desired replicas, signals and decisions to the metrics hub
+(``modelfleet_autoscaler_*`` on ``/metrics``); :func:`decide` itself stays pure.
 
 Serve wiring facts (Ray 2.60): Serve forwards ``policy_kwargs`` only to *class* policies, so
 :func:`decide` reads its knobs from ``ctx.config.policy.policy_kwargs`` (the deployment's own
@@ -57,7 +59,7 @@ Replicas build their stats with ``parallel.gpu.engine_load_metrics`` (re-exporte
 
 >>> cfg = serve_autoscaling_config("tiny-code-llama", min_replicas=0, max_replicas=4)
 >>> cfg["policy"]["policy_function"], cfg["initial_replicas"]
-('cluster.autoscaling:decide', 1)
+('cluster.autoscaling:serve_policy', 1)
 """
 
 from __future__ import annotations
@@ -71,11 +73,18 @@ from typing import Any
 
 from parallel.gpu import GPU_UTILIZATION, KV_USAGE, RUNNING, WAITING, engine_load_metrics
 
-__all__ = ["POLICY_FUNCTION", "PolicyKnobs", "decide", "engine_load_metrics", "serve_autoscaling_config"]
+__all__ = ["POLICY_FUNCTION", "PolicyKnobs", "decide", "engine_load_metrics", "serve_autoscaling_config",
+           "serve_policy"]
 
 logger = logging.getLogger("ray.serve")
 
-POLICY_FUNCTION = "cluster.autoscaling:decide"
+POLICY_FUNCTION = "cluster.autoscaling:serve_policy"
+# deployments.metrics_hub's HUB_NAME / HUB_NAMESPACE, copied: this module is pickled into the controller by
+# value and may import only the standard library and ray there (a unit test checks they are equal).
+HUB = ("modelfleet-metrics-hub", "modelfleet")
+SIGNALS = "modelfleet_signals"
+DESIRED = "modelfleet_desired"
+DRIVER = "modelfleet_driver"
 UP_SINCE = "modelfleet_up_since"
 DOWN_SINCE = "modelfleet_down_since"
 _EPS = 1e-9  # ceil(2.0000000001) must stay 2 when observed == target up to float noise
@@ -181,6 +190,8 @@ class _Signal:
     desired: int
     what: str  # e.g. "queue depth 9.5/replica"
     bound: str = ""  # e.g. "target 4"; empty for reasons that carry no comparison
+    name: str = ""  # queue_depth, kv_usage, gpu_utilization (the metric's signal label); "" for no signal
+    value: float = 0.0
 
     def describe(self, up: bool) -> str:
         if not self.bound:
@@ -222,19 +233,20 @@ def _signals(ctx: Any, knobs: PolicyKnobs) -> list[_Signal]:
     else:  # no replica has reported yet: Serve's own count of ongoing + queued requests
         depth = serve_count / n
     out = [_Signal(_ceil(n * depth / knobs.target_queue_depth), f"queue depth {_fmt(depth)}/replica",
-                   f"target {_fmt(knobs.target_queue_depth)}")]
+                   f"target {_fmt(knobs.target_queue_depth)}", "queue_depth", depth)]
 
     kv = _mean(metrics.get(KV_USAGE))
     if kv is not None:
         desired = _ceil(n * kv / knobs.kv_usage_high_water)
         if kv > knobs.kv_usage_high_water:
             desired = max(desired, n + 1)
-        out.append(_Signal(desired, f"kv usage {_fmt(kv)}", f"high-water {_fmt(knobs.kv_usage_high_water)}"))
+        out.append(_Signal(desired, f"kv usage {_fmt(kv)}", f"high-water {_fmt(knobs.kv_usage_high_water)}",
+                           "kv_usage", kv))
 
     gpu = _mean(metrics.get(GPU_UTILIZATION))
     if gpu is not None and knobs.target_gpu_utilization is not None:
         out.append(_Signal(_ceil(n * gpu / knobs.target_gpu_utilization), f"gpu utilization {_fmt(gpu)}",
-                           f"target {_fmt(knobs.target_gpu_utilization)}"))
+                           f"target {_fmt(knobs.target_gpu_utilization)}", "gpu_utilization", gpu))
     return out
 
 
@@ -313,4 +325,34 @@ def decide(ctx: Any, knobs: PolicyKnobs | None = None) -> tuple[int, dict[str, A
 
     if decision != baseline:
         logger.info("%s: %d -> %d (%s)", name, baseline, decision, reason)
+    state[SIGNALS] = {s.name: s.value for s in signals if s.name}
+    state[DESIRED] = desired
+    state[DRIVER] = driver.name or ("cold_start" if decision != baseline else "")
+    return decision, state
+
+
+_LAST: dict[str, tuple] = {}  # per deployment: the last export (ticks come ~10 per second; most change nothing)
+
+
+def serve_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
+    """What Serve calls: :func:`decide`, then its tick exported to the metrics hub (fire and forget)."""
+    decision, state = decide(ctx)
+    baseline = int(ctx.target_num_replicas)
+    direction = "up" if decision > baseline else "down" if decision < baseline else None
+    signals = {k: round(float(v), 3) for k, v in (state.get(SIGNALS) or {}).items()}
+    now = float(ctx.current_time) if ctx.current_time is not None else time.time()
+    key, last = str(ctx.deployment_name), _LAST.get(str(ctx.deployment_name))
+    record = (state.get(DESIRED), tuple(sorted(signals.items())))
+    if direction is None and last is not None and last[0] == record and now - last[1] < 5.0:
+        return decision, state
+    _LAST[key] = (record, now)
+    try:
+        import ray
+
+        if ray.is_initialized():
+            hub = ray.get_actor(HUB[0], namespace=HUB[1])
+            hub.autoscaling.remote(key, float(state.get(DESIRED) or decision), signals, direction,
+                                   str(state.get(DRIVER) or "none"))
+    except Exception:  # no hub yet (no replica has pushed) or it is restarting: the next tick tries again
+        _LAST.pop(key, None)
     return decision, state

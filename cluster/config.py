@@ -165,12 +165,34 @@ class RouterSpec(_Strict):
     retry_after_s: int = Field(1, ge=0)
 
 
+class RequestLogSpec(_Strict):
+    enabled: bool = True
+    dir: str | None = Field(None, description="folder of the request logs (one file per process); default: "
+                            "modelfleet/ in the Ray session's log folder")
+    privacy: Literal["off", "hashed", "full"] = Field("off", description="prompt and completion content: off "
+                                                      "(none), hashed (sha256), full (text)")
+    max_bytes: int = Field(64 << 20, ge=4096, description="a file rotates at this size")
+    backups: int = Field(3, ge=0, le=100, description="rotated files kept per process")
+
+
+class ObservabilitySpec(_Strict):
+    metrics: bool = Field(True, description="every process pushes its metrics to the hub behind GET /metrics")
+    push_interval_s: float = Field(2.0, ge=0.1, le=60, description="how stale /metrics may be")
+    request_log: RequestLogSpec = Field(default_factory=RequestLogSpec)
+    drift: bool = Field(True, description="modelfleet_drift_psi gauges per model and version")
+    drift_baseline_requests: int = Field(500, ge=10, description="the first N requests of a model version are "
+                                         "its baseline")
+    drift_min_recent: int = Field(100, ge=10, description="a PSI needs this many requests in the recent window")
+    drift_window_s: float = Field(600.0, ge=10, description="the recent window")
+
+
 class ClusterConfig(_Strict):
     """The whole application: models and the router in front of them."""
 
     name: str = Field("modelfleet", pattern=_NAME)
     models: list[ModelSpec] = Field(min_length=1)
     router: RouterSpec = Field(default_factory=RouterSpec)
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
 
     @model_validator(mode="after")
     def _unique_names(self) -> ClusterConfig:

@@ -18,8 +18,10 @@ Example (in a replica; ``server`` has ``generate_stream``):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from deployments.ingress.generate import loop_deadline, timeout_error
+from deployments.ingress.observe import RequestObserver
 from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.ingress.routes import chat_call, completion_call, error_response, events, parse, respond
 from deployments.ingress.stages import Incoming, Limits, Pipeline, request_id
@@ -126,9 +129,11 @@ async def _disconnected(request: Request) -> None:
 class DirectApp:
     """The ASGI app of one model replica's own listener."""
 
-    def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool]) -> None:
+    def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool],
+                 observer: RequestObserver | None = None) -> None:
         self.model, self.generate, self.ready = model, generate, ready
         self.pipeline = Pipeline(limits)
+        self.observer = observer or RequestObserver("direct")
         self.in_flight = 0  # requests being answered (a draining replica waits for them)
         self.draining = False  # set at shutdown: /health answers 503, so the front stops sending here
 
@@ -147,34 +152,56 @@ class DirectApp:
         path, method = request.url.path.rstrip("/") or "/", request.method
         headers = {k.lower(): v for k, v in request.headers.items()}
         rid = request_id(headers)
+        if (method, path) == ("GET", "/health"):  # HAProxy's checks: not requests, not recorded
+            ok = self.ready() and not self.draining
+            response: Response = JSONResponse({"status": "ok" if ok else "unavailable", "model": self.model},
+                                              status_code=200 if ok else 503)
+            response.headers["x-modelfleet-path"] = "direct"
+            return response
+        obs = self.observer
+        outcome = obs.begin(rid, path if path in ("/v1/completions", "/v1/chat/completions") else "other")
         try:
-            if (method, path) == ("GET", "/health"):
-                ok = self.ready() and not self.draining
-                response: Response = JSONResponse({"status": "ok" if ok else "unavailable", "model": self.model},
-                                                  status_code=200 if ok else 503)
-            elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
-                a = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid)
+            if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+                a = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid, outcome)
                 schema = CompletionRequest if path == "/v1/completions" else ChatCompletionRequest
                 req = parse(schema, a.body or {})
                 if req.model != self.model:
                     raise ServeError(ErrorInfo(404, f"model {req.model!r} is not served on this port (it serves "
                                                f"{self.model!r})", param="model", code="model_not_found"))
+                outcome.model = self.model
+                obs.with_body(outcome, a.body)
                 gen, shaper = (completion_call if schema is CompletionRequest else chat_call)(a, req)
                 stream = LocalStream(self.generate, gen)
                 if req.streaming:  # once streaming, Starlette watches for the client leaving
                     await until_disconnect(request, stream.start(), stream)
-                    response = respond(events(stream, shaper, req.include_usage))
+                    obs.stream_started(outcome)
+                    end = functools.partial(obs.end, outcome)
+                    out = events(obs.watch(stream, outcome), shaper, req.include_usage, end)
+                    # A stream dropped before its first iteration never runs its finally: end it all the same.
+                    weakref.finalize(out, end)
+                    weakref.finalize(out, stream.cancel)
+                    response = respond(out)
                 else:
-                    response = respond(shaper.whole(await until_disconnect(request, whole(stream), stream)))
+                    chunks = await until_disconnect(request, whole(stream), stream)
+                    for c in chunks:
+                        outcome.chunk(c)
+                    response = respond(shaper.whole(chunks))
             else:
                 raise invalid(f"no route {method} {path} on a model's own port", code="not_found", status=404)
         except ServeError as err:
+            outcome.fail(err.info)
             response = error_response(err.info)
         except ClientDisconnect:
+            outcome.fail(ErrorInfo(499, "client disconnected", code="client_disconnected"))
+            obs.end(outcome)
             return Response(status_code=499)
         except Exception:
             logger.exception("request %s %s %s failed", rid, method, path)
-            response = error_response(ErrorInfo(500, f"internal error (request {rid})", code="internal_error"))
+            info = ErrorInfo(500, f"internal error (request {rid})", code="internal_error")
+            outcome.fail(info)
+            response = error_response(info)
+        if not outcome.streaming:  # a stream is recorded when it ends
+            obs.end(outcome, response.status_code)
         response.headers["x-request-id"] = rid
         response.headers["x-modelfleet-path"] = "direct"  # which path answered (the router's says nothing)
         return response
@@ -183,8 +210,9 @@ class DirectApp:
 class DirectListener:
     """uvicorn serving a ``DirectApp`` on this process's running event loop, on a port of its own."""
 
-    def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool]) -> None:
-        self.app = DirectApp(model, generate, limits, ready)
+    def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool],
+                 observer: RequestObserver | None = None) -> None:
+        self.app = DirectApp(model, generate, limits, ready, observer)
         self.port: int | None = None
         self._server: Any = None
         self._task: asyncio.Task | None = None

@@ -15,7 +15,9 @@ from typing import Any
 
 from ray import serve
 
+from deployments import metrics
 from deployments.messages import ErrorInfo
+from deployments.telemetry import Observability, Telemetry
 from parallel.embedding_model import EmbeddingModel
 
 logger = logging.getLogger("ray.serve")
@@ -33,16 +35,22 @@ class EmbeddingServer:
         [-0.06..., 0.02...]
     """
 
-    def __init__(self, model_name: str, source: str) -> None:
+    def __init__(self, model_name: str, source: str, observability: Observability | None = None) -> None:
         self.model_name = model_name
         self.model = EmbeddingModel(source)
+        self.telemetry = Telemetry.start(observability or Observability(), "embedding", model_name)
         logger.info("embedding model %s ready (%d dimensions)", model_name, self.model.dimensions)
+
+    async def __del__(self) -> None:
+        await self.telemetry.stop()
 
     async def info(self) -> dict[str, Any]:
         return {"name": self.model_name, "dimensions": self.model.dimensions}
 
     @serve.batch(max_batch_size=BATCH, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[tuple[list[float], int]]:
+        # through the module: Serve pickles this batched method by value, and a metric holds a lock
+        metrics.EMBEDDING_BATCH.labels(self.model_name).observe(len(texts))
         vectors, counts = await asyncio.to_thread(self.model.embed, texts)
         return list(zip(vectors, counts, strict=True))
 

@@ -23,9 +23,11 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import metrics  # through the module: Serve pickles this class by value, a metric holds a lock
 from deployments.admission import AdmissionLimits, LoadTracker, decide
 from deployments.direct import DirectListener, DirectOptions
 from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, TokenLogprob
+from deployments.telemetry import Observability, Telemetry
 from parallel.chat_template import render_chat
 from parallel.engine_api import Engine
 from parallel.errors import (
@@ -83,9 +85,14 @@ class LLMServer:
     def __init__(self, model_name: str, source: str, engine: str = "native",
                  engine_options: dict[str, Any] | None = None, draft: DeploymentHandle | None = None,
                  admission: AdmissionLimits | None = None, retry_after_s: float = 1.0,
-                 direct: DirectOptions | None = None, front: DeploymentHandle | None = None) -> None:
+                 direct: DirectOptions | None = None, front: DeploymentHandle | None = None,
+                 observability: Observability | None = None) -> None:
         self.model_name = model_name
-        self.engine: Engine = make_engine(engine, source, dict(engine_options or {}), draft)
+        obs = observability or Observability()
+        options = {**(engine_options or {}), "served_model_name": model_name}
+        if not obs.metrics:
+            options["disable_log_stats"] = True
+        self.engine: Engine = make_engine(engine, source, options, draft)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.info.max_model_len
         self.admission = admission or AdmissionLimits()
@@ -95,13 +102,18 @@ class LLMServer:
         self._ids = itertools.count()
         # NVML only where this replica runs its engine on a GPU; elsewhere the GPU signal is absent (not 0).
         self.gpu = GpuMonitor() if torch.cuda.is_available() else None
+        if self.gpu is not None and obs.metrics:
+            metrics.watch_gpu(model_name, self.gpu.read)
+        self._restarts = 0  # engine restarts already counted in modelfleet_engine_restarts_total
+        self.telemetry = Telemetry.start(obs, "direct", model_name)
         self.direct: DirectListener | None = None
         self._front, self._heartbeat = front, None
         if direct is not None:  # the hop-free path: this replica answers HTTP for its model itself
             import ray
 
             host = ray.util.get_node_ip_address() if direct.host == "node" else direct.host
-            self.direct = DirectListener(model_name, self.generate_stream, direct.limits, self.engine.is_ready)
+            self.direct = DirectListener(model_name, self.generate_stream, direct.limits, self.engine.is_ready,
+                                         self.telemetry.observer)
             self.direct.start(host)
             if front is not None:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._announce(front, host))
@@ -110,6 +122,7 @@ class LLMServer:
     # ---- Serve hooks ------------------------------------------------------------------------------------
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve pulls these for cluster.autoscaling.decide: queue depth, running, KV usage, GPU readings."""
+        self._count_restarts()
         return engine_load_metrics(self.engine.stats(), self.gpu.read() if self.gpu is not None else None)
 
     async def check_health(self) -> None:
@@ -122,6 +135,7 @@ class LLMServer:
         finish (its /health turns 503 at once), then close it. Serve waits graceful_shutdown_timeout_s (20 s)."""
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        await self.telemetry.stop()
         if self.direct is None:
             return
         if self._front is not None:
@@ -130,6 +144,12 @@ class LLMServer:
             except Exception as err:  # the front is gone too (the app is being deleted): nothing to leave
                 logger.info("model %s: could not leave the front proxy (%s)", self.model_name, type(err).__name__)
         await self.direct.stop(drain_s=15.0)
+
+    def _count_restarts(self) -> None:
+        restarts = int(getattr(getattr(self.engine, "_loop", None), "num_restarts", 0) or 0)
+        if restarts > self._restarts:
+            metrics.ENGINE_RESTARTS.labels(self.model_name).inc(restarts - self._restarts)
+            self._restarts = restarts
 
     @staticmethod
     def _key() -> str:
@@ -176,7 +196,8 @@ class LLMServer:
         last = chunks[-1]
         lps = [e for c in chunks for e in (c.logprobs or ())]
         return Chunk("".join(c.text for c in chunks), tuple(t for c in chunks for t in c.token_ids),
-                     last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(lps) if lps else None)
+                     last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(lps) if lps else None,
+                     chunks[0].queue_s)
 
     async def generate_stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Chunk | ErrorInfo]:
         try:
@@ -185,6 +206,9 @@ class LLMServer:
             yield error_info(err, self.model_name, self.retry_after_s)
             return
         rid = req.request_id
+        arrived = time.monotonic()
+        if req.admitted_at is not None:
+            metrics.ROUTER_QUEUE.labels(self.model_name).observe(max(0.0, time.time() - req.admitted_at))
         if not self.engine.is_ready():
             yield ErrorInfo(503, f"model {self.model_name!r}: its engine is restarting, retry",
                             code="engine_restarting", retry_after_s=self.retry_after_s)
@@ -205,11 +229,13 @@ class LLMServer:
             want_lps = params.logprobs is not None
             # The engine's id is unique even when clients reuse an x-request-id; logs carry the client's.
             async for d in self.engine.generate(f"{rid}#{next(self._ids)}", ids, params):
+                queue_s = None
                 if started_at is None:
                     started_at = time.monotonic()
                     self.load.start()
+                    queue_s = max(0.0, d.scheduled_at - arrived) if d.scheduled_at is not None else None
                 yield Chunk(d.text, d.token_ids, d.finish_reason, d.num_prompt_tokens, d.num_output_tokens,
-                            self._logprobs(d) if want_lps and d.token_ids else None)
+                            self._logprobs(d) if want_lps and d.token_ids else None, queue_s)
         except ServeError as err:
             yield err.info
         except (InvalidRequestError, EngineOverloadedError, EngineDeadError, RequestFailedError) as err:

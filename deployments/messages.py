@@ -42,6 +42,7 @@ class GenerateRequest:
     fill_max_tokens: bool = False
     deadline: float | None = None
     model: str = ""
+    admitted_at: float | None = None  # time.time() when the ingress admitted it (the router's queue starts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class Chunk:
     prompt_tokens: int
     completion_tokens: int  # generated so far, including this chunk
     logprobs: tuple[TokenLogprob, ...] | None = None
+    queue_s: float | None = None  # on the first chunk: time the request waited in the engine's queue
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from parallel.engine_stats import EngineStats
 from parallel.engine_supervisor import ProcessLoop, RestartBudget
 from parallel.errors import EngineDeadError, EngineError, InvalidRequestError
 from parallel.inputs import encode_prompt
+from parallel.metrics import EngineMetrics
 from parallel.outputs import OutputDelta, merge_deltas
 from parallel.sampling_params import SamplingParams
 
@@ -94,6 +96,11 @@ class AsyncEngine:
         self.tokenizer = self._loop.tokenizer
         self.max_model_len: int = self._loop.max_model_len
         self.vocab_size: int = self._loop.vocab_size
+        mc = config.model
+        self.metrics = None if mc.disable_log_stats else EngineMetrics(
+            mc.served_model_name or mc.path, max_model_len=self.max_model_len, stats=self._loop.stats,
+            speculative=config.speculative.num_speculative_tokens > 0)
+        self._prompt_computed = 0  # the engine's cumulative count at the previous step
 
     @classmethod
     def from_options(cls, path: str, proposer: Any = None, engine_process: bool = False,
@@ -129,6 +136,8 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
+        if self.metrics is not None:
+            self.metrics.on_arrival(request_id, time.monotonic())
         self._loop.add(AddRequest(request_id, ids, params))
         finished = False
         try:
@@ -153,6 +162,8 @@ class AsyncEngine:
         with self._lock:
             self._streams.pop(request_id, None)
             self._held.pop(request_id, None)
+        if self.metrics is not None:
+            self.metrics.forget(request_id, "abort")
         self._loop.abort(request_id)
 
     def stats(self) -> EngineStats:
@@ -176,6 +187,10 @@ class AsyncEngine:
 
     # ---- the Sink (called from the loop's thread) -------------------------------------------------------
     def on_outputs(self, deltas: list[OutputDelta]) -> None:
+        if self.metrics is not None:  # per step, before stream_interval holds or a lagging caller merges
+            computed = self._loop.stats().prompt_computed_tokens
+            step, self._prompt_computed = computed - self._prompt_computed, computed
+            self.metrics.on_step(deltas, time.monotonic(), step if step >= 0 else computed)  # < 0: restarted
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, OutputDelta]]] = {}
         with self._lock:
             for delta in deltas:
@@ -198,13 +213,19 @@ class AsyncEngine:
     def on_rejected(self, request_id: str, error: EngineError) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None)
+        if self.metrics is not None:
+            self.metrics.forget(request_id, None)  # refused at admission: never a request of the engine's
         if stream is not None:
             stream.put(error)
 
     def on_dead(self, error: EngineDeadError) -> None:
         with self._lock:
+            lost = list(self._streams)
             streams, self._streams = list(self._streams.values()), {}
             self._held.clear()
+        if self.metrics is not None:
+            for request_id in lost:
+                self.metrics.forget(request_id, "error")
         if streams:
             logger.error("failing %d requests in flight: %s", len(streams), error.message)
         for stream in streams:

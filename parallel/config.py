@@ -29,6 +29,8 @@ class ModelConfig:
     seed: int = 0
     skip_tokenizer_init: bool = False
     compile: bool = False  # torch.compile the uniform steps (decode, verification); ~15 s per graph at start
+    served_model_name: str | None = None  # the ``model_name`` label of its metrics (None: the path, as vLLM)
+    disable_log_stats: bool = False  # vLLM's name: no Prometheus metrics from this engine
 
     def validate(self) -> None:
         if self.dtype not in _DTYPES:

@@ -281,9 +281,10 @@ class LLMEngine:
             stop_reason = last if last in request.params.stop_token_ids else None
         if finished:
             del self._live[rid]
+        first = request.num_output_tokens == appended  # the request's first delta carries its schedule time
         return OutputDelta(rid, tuple(fresh), text, finished, request.status.value if finished else None,
                            stop_reason, lps, request.num_prompt_tokens, request.num_output_tokens,
-                           request.num_cached_tokens)
+                           request.num_cached_tokens, None, request.scheduled_time if first else None)
 
     def fail_all(self, err: Exception) -> list[OutputDelta]:
         """Finish every request in flight with a RequestFailedError (a bug outside any one request's work)."""
@@ -323,4 +324,7 @@ class LLMEngine:
                                        if sched.num_verify_steps else 0.0),
             draft_calls=draft.calls if draft is not None else 0,
             draft_call_ms=1e3 * draft.call_seconds / max(draft.calls, 1) if draft is not None else 0.0,
-            window_s=window_s)
+            window_s=window_s, prefix_queried_tokens=bm.prefix_queried_tokens, prefix_hit_tokens=bm.prefix_hit_tokens,
+            prompt_computed_tokens=sched.num_prompt_computed_tokens, spec_num_drafts=sched.num_verify_steps,
+            spec_num_draft_tokens=sched.num_draft_tokens, spec_num_accepted_tokens=sched.num_accepted_tokens,
+            spec_accepted_per_pos=tuple(sched.accepted_per_pos))

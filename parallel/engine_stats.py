@@ -29,3 +29,12 @@ class EngineStats:
     draft_calls: int = 0  # remote draft (speculative placement "separate"): proposal calls so far
     draft_call_ms: float = 0.0  # ... and their mean duration
     window_s: float = 10.0
+    # Cumulative counts since the engine started (Prometheus counters: they only grow; a restarted engine
+    # process starts again from 0, which Prometheus reads as a counter reset).
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    prompt_computed_tokens: int = 0  # prompt tokens run through the model (prefill chunks, recomputation)
+    spec_num_drafts: int = 0  # verification steps of a request with proposals (vLLM's num_drafts)
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()  # accepted tokens by draft position 0..k-1

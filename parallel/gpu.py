@@ -53,6 +53,7 @@ class GpuReading:
     utilization: float  # 0..1, NVML's "percent of time a kernel ran" over its last sample period
     memory_used_fraction: float  # 0..1, used / total framebuffer memory
     device_count: int
+    memory_used_bytes: int = 0  # summed over the held devices
 
 
 class EngineStatsLike(Protocol):
@@ -136,6 +137,7 @@ class GpuMonitor:
         nvml = self._nvml
         utils: list[float] = []
         mems: list[float] = []
+        used = 0
         for handle in handles:
             try:
                 rates = nvml.nvmlDeviceGetUtilizationRates(handle)
@@ -145,10 +147,11 @@ class GpuMonitor:
                 continue
             utils.append(min(max(float(rates.gpu) / 100.0, 0.0), 1.0))
             mems.append(float(mem.used) / float(mem.total) if mem.total else 0.0)
+            used += int(mem.used)
         if not utils:
             return None
         return GpuReading(utilization=sum(utils) / len(utils), memory_used_fraction=sum(mems) / len(mems),
-                          device_count=len(utils))
+                          device_count=len(utils), memory_used_bytes=used)
 
     @property
     def available(self) -> bool:

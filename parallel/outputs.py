@@ -75,6 +75,7 @@ class OutputDelta:
     num_output_tokens: int = 0  # generated so far, including these
     num_cached_tokens: int = 0
     error: Exception | None = None  # a parallel.errors.EngineError for this request alone
+    scheduled_at: float | None = None  # time.monotonic() when first scheduled; set on the first delta only
 
 
 def merge_deltas(first: OutputDelta, later: OutputDelta) -> OutputDelta:
@@ -85,7 +86,8 @@ def merge_deltas(first: OutputDelta, later: OutputDelta) -> OutputDelta:
         lps = (first.logprobs or ()) + (later.logprobs or ())
     return OutputDelta(later.request_id, first.token_ids + later.token_ids, first.text + later.text,
                        later.finished, later.finish_reason, later.stop_reason, lps, later.num_prompt_tokens,
-                       later.num_output_tokens, later.num_cached_tokens, later.error)
+                       later.num_output_tokens, later.num_cached_tokens, later.error,
+                       first.scheduled_at if first.scheduled_at is not None else later.scheduled_at)
 
 
 def cumulative_logprob(logprobs: tuple[dict[int, float], ...] | list[dict[int, float]] | None,

@@ -49,6 +49,7 @@ class Request:
         self.spec_token_ids: list[int] = []  # draft proposals waiting to be verified next step
         self.status = RequestStatus.WAITING
         self.arrival_time = time.monotonic()
+        self.scheduled_time: float | None = None  # first admitted to the running batch (queue time ends)
         self.num_preemptions = 0
 
     @property

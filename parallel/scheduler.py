@@ -14,6 +14,7 @@ recompute; outputs already produced are kept, so the answer does not change).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from parallel.block_manager import BlockManager
@@ -48,6 +49,8 @@ class Scheduler:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.num_verify_steps = 0
+        self.num_prompt_computed_tokens = 0
+        self.accepted_per_pos: list[int] = [0] * num_lookahead  # accepted tokens by draft position
 
     # ---- queue ------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -123,6 +126,7 @@ class Scheduler:
             request.num_computed_tokens = num_cached
             if request.num_preemptions == 0:
                 request.num_cached_tokens = num_cached
+                request.scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             admitted.add(request)
@@ -169,6 +173,8 @@ class Scheduler:
                 continue  # aborted while the step ran
             if result.failed and s.request_id in result.failed:
                 continue  # its own sampling raised: the engine ends it alone
+            prompt_end = min(s.start_pos + len(s.token_ids) - s.num_draft, request.num_prompt_tokens)
+            self.num_prompt_computed_tokens += max(0, prompt_end - s.start_pos)
             request.num_computed_tokens += len(s.token_ids)
             if not s.sample:
                 self.block_manager.cache_computed_blocks(request)
@@ -185,7 +191,10 @@ class Scheduler:
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
             if s.num_draft and result.num_accepted is not None:
                 self.num_verify_steps += 1
-                self.num_accepted_tokens += result.num_accepted.get(s.request_id, 0)
+                accepted = result.num_accepted.get(s.request_id, 0)
+                self.num_accepted_tokens += accepted
+                for pos in range(min(accepted, len(self.accepted_per_pos))):
+                    self.accepted_per_pos[pos] += 1
             if request.status == RequestStatus.RUNNING:
                 self.block_manager.cache_computed_blocks(request)
                 request.spec_token_ids = list((result.drafts or {}).get(s.request_id, ()))

@@ -34,6 +34,7 @@ _ENGINE_ARG_NAMES: dict[str, str | None] = {
     "gpu_memory_utilization": "gpu_memory_utilization", "stream_interval": "stream_interval",
     "draft_path": None, "num_speculative_tokens": None,
     "device": None, "engine_process": None, "compile": None, "compile_draft": None,
+    "served_model_name": "served_model_name", "disable_log_stats": None,
 }
 
 
@@ -128,6 +129,29 @@ class _StatsKeeper:
         return _Logger(vllm_config, engine_index)
 
 
+def _silent_prometheus() -> type:
+    """A PrometheusStatLogger that records nothing (vLLM adds its default one unless given one)."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    class Silent(PrometheusStatLogger):
+        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+            self.engine_indexes = engine_indexes or [0]
+
+        def record(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def record_sleep_state(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def record_admission_rejection(self, reason: str) -> None:
+            pass
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return Silent
+
+
 class VllmEngine:
     """The ``engine_api.Engine`` interface over vLLM's AsyncLLM: same options, prompts, errors and deltas as
     the native engine.
@@ -163,7 +187,11 @@ class VllmEngine:
             # Inside a Ray actor vLLM would pick its Ray executor, which its CPU platform does not support.
             kwargs.setdefault("distributed_executor_backend", "mp")
         self._stats = _StatsKeeper()
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self._stats.factory])
+        # vLLM's own PrometheusStatLogger records the vllm:* metrics in this process's registry (the metrics
+        # pusher exports them); with disable_log_stats a silent one takes its place. Its stats must stay on:
+        # the keeper reads them for routing and autoscaling.
+        loggers = [self._stats.factory] + ([_silent_prometheus()] if options.get("disable_log_stats") else [])
+        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=loggers)
         self.max_model_len: int = self.llm.model_config.max_model_len
         self.tokenizer = Tokenizer.from_folder(path)
         self.vocab_size: int = self.llm.model_config.get_vocab_size()
@@ -200,7 +228,7 @@ class VllmEngine:
                                       param="stop_token_ids")
         if self.llm.errored:
             raise EngineDeadError(f"vLLM engine failed: {self.llm.dead_error!r}")
-        finished, n_out = False, 0
+        finished, n_out, first = False, 0, True
         want_lps = params.logprobs is not None
         try:
             async for out in self.llm.generate({"prompt_token_ids": ids}, to_vllm_params(params, self.vocab_size),
@@ -210,8 +238,12 @@ class VllmEngine:
                 lps = tuple({t: lp.logprob for t, lp in entry.items()} for entry in (c.logprobs or [])) \
                     if want_lps else None
                 finished = out.finished
+                # vLLM's engine-core timestamps are time.monotonic() of its process: the same clock as ours.
+                scheduled = getattr(out.metrics, "scheduled_ts", None) if first else None
+                first = False
                 yield OutputDelta(request_id, tuple(c.token_ids), c.text, finished, c.finish_reason,
-                                  c.stop_reason, lps, len(ids), n_out, out.num_cached_tokens or 0)
+                                  c.stop_reason, lps, len(ids), n_out, out.num_cached_tokens or 0, None,
+                                  scheduled or None)
         except VllmDeadError as err:
             finished = True
             raise EngineDeadError(f"vLLM engine died: {err}") from err

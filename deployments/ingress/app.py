@@ -1,7 +1,8 @@
 """The ingress deployment: routes over the stage pipeline, the resolver and the replicas.
 
 POST /v1/completions, /v1/chat/completions (``stream: true`` as server-sent events ending in
-``data: [DONE]``), /v1/embeddings; GET /v1/models, /health, /openapi.json. Every response carries the
+``data: [DONE]``), /v1/embeddings; GET /v1/models, /health, /openapi.json, /metrics (every replica's, from
+the metrics hub: Prometheus text, or OpenMetrics by the Accept header). Every response carries the
 request's ``x-request-id``. Client mistakes are 4xx with OpenAI's error body, overload and failed replicas
 503 with Retry-After, a passed deadline 504; a 500 means a bug, logged with the request id.
 """
@@ -23,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from deployments.ingress.generate import REPLICA_GONE, CallPolicy, ReplicaStream, generate_whole
+from deployments.ingress.observe import Outcome
 from deployments.ingress.openapi import openapi_document
 from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from deployments.ingress.resolve import ModelRoute, Resolver
@@ -31,6 +33,8 @@ from deployments.ingress.routes import chat_call, completion_call, error_respons
 from deployments.ingress.shed import Shedder, Ticket
 from deployments.ingress.stages import Admitted, Incoming, Limits, Pipeline, request_id
 from deployments.messages import ErrorInfo, GenerateRequest, ServeError, invalid, unavailable
+from deployments.metrics_hub import hub
+from deployments.telemetry import Observability, Telemetry
 
 logger = logging.getLogger("ray.serve")
 
@@ -42,6 +46,7 @@ class RouterSettings:
     limits: Limits = field(default_factory=Limits)
     call: CallPolicy = field(default_factory=CallPolicy)
     health_timeout_s: float = 5.0
+    observability: Observability = field(default_factory=Observability)
 
 
 def once(fn: Callable[[], None]) -> Callable[[], None]:
@@ -73,6 +78,9 @@ class Router:
         self.settings = settings or RouterSettings()
         self.pipeline = Pipeline(self.settings.limits)
         self.shedder = Shedder()
+        self.telemetry = Telemetry.start(self.settings.observability, "router", None)
+        self.observer = self.telemetry.observer
+        self._hub = None
         self.openapi = json.dumps(openapi_document([r.model for r in routes if r.kind == "llm"],
                                                    [r.model for r in routes if r.kind == "embedding"])).encode()
         self.routes: dict[tuple[str, str], Callable[[Admitted], Awaitable[Response]]] = {
@@ -82,7 +90,11 @@ class Router:
             ("GET", "/v1/models"): self._http_models,
             ("GET", "/health"): self._http_health,
             ("GET", "/openapi.json"): self._http_openapi,
+            ("GET", "/metrics"): self._http_metrics,
         }
+
+    async def __del__(self) -> None:
+        await self.telemetry.stop()
 
     # ---- HTTP -------------------------------------------------------------------------------------------
     async def __call__(self, request: Request) -> Response:
@@ -93,21 +105,29 @@ class Router:
         path = path.rstrip("/") or "/"
         headers = {k.lower(): v for k, v in request.headers.items()}
         rid = request_id(headers)  # Serve's proxy put the client's id (or one of its own) in x-request-id
+        outcome = self.observer.begin(rid, path if any(p == path for _, p in self.routes) else "other")
         try:
             handler = self.routes.get((method, path))
             if handler is None:
                 if any(p == path for _, p in self.routes):
                     raise invalid(f"method {method} not allowed on {path}", code="method_not_allowed", status=405)
                 raise invalid(f"no route {method} {path}", code="not_found", status=404)
-            admitted = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid)
+            admitted = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid, outcome)
             response = await handler(admitted)
         except ServeError as err:
+            outcome.fail(err.info)
             response = error_response(err.info)
         except ClientDisconnect:  # the client left while sending its body: nobody to answer (logged as 499)
+            outcome.fail(ErrorInfo(499, "client disconnected", code="client_disconnected"))
+            self.observer.end(outcome)
             return Response(status_code=499)
         except Exception:  # a bug: still OpenAI's body, logged with the request id
             logger.exception("request %s %s %s failed", rid, method, path)
-            response = error_response(ErrorInfo(500, f"internal error (request {rid})", code="internal_error"))
+            info = ErrorInfo(500, f"internal error (request {rid})", code="internal_error")
+            outcome.fail(info)
+            response = error_response(info)
+        if not outcome.streaming:  # a stream is recorded when it ends
+            self.observer.end(outcome, response.status_code)
         if headers.get("x-request-id") != rid:  # Serve's proxy echoes the id it forwarded; add ours only if new
             response.headers["x-request-id"] = rid
         return response
@@ -119,7 +139,7 @@ class Router:
         return respond(await self._chat(a, parse(ChatCompletionRequest, a.body or {})))
 
     async def _http_embeddings(self, a: Admitted) -> Response:
-        return JSONResponse(await self._embeddings(parse(EmbeddingRequest, a.body or {})))
+        return JSONResponse(await self._embeddings(parse(EmbeddingRequest, a.body or {}), a.outcome))
 
     async def _http_models(self, a: Admitted) -> Response:
         return JSONResponse(self.models())
@@ -130,6 +150,22 @@ class Router:
 
     async def _http_openapi(self, a: Admitted) -> Response:
         return Response(self.openapi, media_type="application/json")
+
+    async def _http_metrics(self, a: Admitted) -> Response:
+        accept = a.headers.get("accept", "") if a.headers else ""
+        body, content_type = await self.metrics(accept)
+        return Response(body, media_type=content_type)
+
+    async def metrics(self, accept: str = "") -> tuple[bytes, str]:
+        """The whole cluster's metrics, rendered by the hub (``accept``: the scraper's Accept header)."""
+        if self._hub is None:
+            self._hub = await asyncio.to_thread(hub)
+        try:
+            return await asyncio.wait_for(self._hub.render.remote(accept), timeout=10)
+        except Exception as err:
+            self._hub = None
+            raise unavailable(f"metrics are unavailable ({type(err).__name__}); retry", "metrics_unavailable",
+                              self.settings.call.retry_after_s) from err
 
     # ---- Python API (the HTTP routes call the same code) ------------------------------------------------
     async def completions(self, body: dict[str, Any]) -> dict[str, Any] | AsyncIterator[dict[str, Any]]:
@@ -180,10 +216,10 @@ class Router:
 
     # ---- internals --------------------------------------------------------------------------------------
     async def _completions(self, a: Admitted, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[dict]:
-        return await self._generate(req, *completion_call(a, req))
+        return await self._generate(req, *completion_call(a, req), a)
 
     async def _chat(self, a: Admitted, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[dict]:
-        return await self._generate(req, *chat_call(a, req))
+        return await self._generate(req, *chat_call(a, req), a)
 
     def _admit_to(self, model: str, target: str) -> Ticket:
         """A ticket for one request to ``target``, or a 503 at once while its replicas are known full."""
@@ -192,17 +228,32 @@ class Router:
             raise unavailable(f"model {model!r} is overloaded, retry later", "overloaded", retry_after)
         return self.shedder.enter(target)
 
-    async def _generate(self, req: Any, gen: GenerateRequest, shaper: Shaper) -> dict[str, Any] | AsyncIterator:
+    async def _generate(self, req: Any, gen: GenerateRequest, shaper: Shaper,
+                        a: Admitted) -> dict[str, Any] | AsyncIterator:
         target = self.resolver.resolve(req.model, "llm", key=req.user).deployment
         handle = self.handles[target]
+        outcome: Outcome | None = a.outcome
+        if outcome is not None:
+            outcome.model = req.model  # resolved: a configured name, a bounded label
+            self.observer.with_body(outcome, a.body)
         ticket = self._admit_to(req.model, target)
         refused: float | None = None
         try:
             if not req.streaming:
-                return shaper.whole(await generate_whole(handle, gen, self.settings.call))
-            stream = ReplicaStream(handle, gen, self.settings.call)
+                whole = await generate_whole(handle, gen, self.settings.call)
+                if outcome is not None:
+                    outcome.chunk(whole)
+                return shaper.whole(whole)
+            stream: Any = ReplicaStream(handle, gen, self.settings.call)
             await stream.start()  # refusals (400, 503...) surface here, as a status, before the stream starts
-            done, ticket = once(functools.partial(self.shedder.leave, ticket)), None
+            leave = functools.partial(self.shedder.leave, ticket)
+            if outcome is not None:
+                stream = self.observer.watch(stream, outcome)
+                self.observer.stream_started(outcome)
+                done = once(lambda: (leave(), self.observer.end(outcome)))
+            else:
+                done = once(leave)
+            ticket = None
             out = events(stream, shaper, req.include_usage, done)  # the ticket leaves when the stream ends,
             weakref.finalize(out, done)  # or when the stream is dropped unstarted (its finally never runs)
             weakref.finalize(out, stream.cancel)
@@ -215,10 +266,12 @@ class Router:
             if ticket is not None:
                 self.shedder.leave(ticket, refused)
 
-    async def _embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
+    async def _embeddings(self, req: EmbeddingRequest, outcome: Outcome | None = None) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
 
         handle = self.handles[self.resolver.resolve(req.model, "embedding", key=req.user).deployment]
+        if outcome is not None:
+            outcome.model = req.model
         policy = self.settings.call
         try:
             result = await handle.embed.remote(req.texts())

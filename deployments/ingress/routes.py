@@ -64,7 +64,7 @@ def completion_call(a: Admitted, req: CompletionRequest) -> tuple[GenerateReques
     prompt = req.single_prompt()
     gen = GenerateRequest(a.request_id, prompt=prompt if isinstance(prompt, str) else tuple(prompt),
                           params=req.sampling_params(req.requested_max_tokens(), req.logprobs),
-                          deadline=a.deadline, model=req.model)
+                          deadline=a.deadline, model=req.model, admitted_at=a.started)
     return gen, Shaper("completion", req.model, req.logprobs, echo=prompt if req.echo else "")  # type: ignore[arg-type]
 
 
@@ -72,7 +72,8 @@ def chat_call(a: Admitted, req: ChatCompletionRequest) -> tuple[GenerateRequest,
     top = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.requested_max_tokens()
     gen = GenerateRequest(a.request_id, messages=req.turns(), params=req.sampling_params(max_tokens or INT32, top),
-                          fill_max_tokens=max_tokens is None, deadline=a.deadline, model=req.model)
+                          fill_max_tokens=max_tokens is None, deadline=a.deadline, model=req.model,
+                          admitted_at=a.started)
     return gen, Shaper("chat", req.model, top)
 
 

@@ -1,12 +1,12 @@
 """The stages every request passes before a route sees it: plain async code over typed values.
 
     request id -> size and content-type limits -> authenticate -> read and parse the body (bounded)
-    -> rate limit -> (route) -> observe
+    -> rate limit -> (route) -> observe (``observe.py``: metrics, request log, drift, once at the end)
 
-Stages know nothing of Ray or of where they run (the router deployment today; a model replica that serves
-HTTP itself later), so they are unit-tested alone. Authentication, rate limits and metrics are seams
-(``Authenticator``, ``RateLimiter``, ``Observer``) whose defaults admit everything and record nothing; later
-issues plug real ones in. A stage refuses a request by raising ``ServeError``.
+Stages know nothing of Ray or of where they run (the router deployment, or a model replica that serves
+HTTP itself), so they are unit-tested alone. Authentication and rate limits are seams (``Authenticator``,
+``RateLimiter``) whose defaults admit everything; later issues plug real ones in. A stage refuses a request
+by raising ``ServeError``.
 
 Example:
     >>> limits = Limits(max_body_bytes=1024)
@@ -67,6 +67,8 @@ class Admitted:
     body: dict[str, Any] | None = None
     principal: str | None = None  # who is calling, once authentication sets it
     tags: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    outcome: Any = None  # observe.Outcome: what the request did, recorded when it ends
 
 
 def request_id(headers: Mapping[str, str]) -> str:
@@ -139,10 +141,6 @@ class RateLimiter(Protocol):
         ...
 
 
-class Observer(Protocol):
-    def observe(self, request: Admitted | None, route: str, status: int, error: ErrorInfo | None) -> None: ...
-
-
 class OpenAccess:
     """Authentication off: everyone is anonymous."""
 
@@ -155,22 +153,16 @@ class Unlimited:
         return None
 
 
-class NoObserver:
-    def observe(self, request: Admitted | None, route: str, status: int, error: ErrorInfo | None) -> None:
-        return None
-
-
 class Pipeline:
     """Runs the stages in order; ``admit`` returns the ``Admitted`` request or raises ``ServeError``."""
 
-    def __init__(self, limits: Limits, auth: Authenticator | None = None, rate_limiter: RateLimiter | None = None,
-                 observer: Observer | None = None) -> None:
+    def __init__(self, limits: Limits, auth: Authenticator | None = None,
+                 rate_limiter: RateLimiter | None = None) -> None:
         self.limits = limits
         self.auth = auth or OpenAccess()
         self.rate_limiter = rate_limiter or Unlimited()
-        self.observer = observer or NoObserver()
 
-    async def admit(self, incoming: Incoming, rid: str | None = None) -> Admitted:
+    async def admit(self, incoming: Incoming, rid: str | None = None, outcome: Any = None) -> Admitted:
         rid = rid or request_id(incoming.headers)
         now = time.time()
         check_headers(incoming.method, incoming.path, incoming.headers, self.limits)
@@ -180,15 +172,18 @@ class Pipeline:
             raw = await read_body(incoming.body or body_chunks([]), self.limits)
             body = parse_json(raw, self.limits) if len(raw) < 65536 else await asyncio.to_thread(
                 parse_json, raw, self.limits)  # a large body is parsed off the event loop
-        admitted = Admitted(rid, incoming.path, now, now + self.limits.request_timeout_s, body, principal)
+        admitted = Admitted(rid, incoming.path, now, now + self.limits.request_timeout_s, body, principal,
+                            headers=incoming.headers, outcome=outcome)
+        if outcome is not None:
+            outcome.started, outcome.principal = now, principal
         await self.rate_limiter.admit(admitted)
         return admitted
 
-    def for_handle(self, route: str, body: dict[str, Any], rid: str | None = None) -> Admitted:
+    def for_handle(self, route: str, body: dict[str, Any], rid: str | None = None, outcome: Any = None) -> Admitted:
         """A Python caller (a DeploymentHandle): no HTTP stages, same request id and deadline."""
         now = time.time()
         return replace(Admitted(rid or f"req-{uuid.uuid4().hex}", route, now, now + self.limits.request_timeout_s),
-                       body=body)
+                       body=body, outcome=outcome)
 
 
 async def body_chunks(parts: Iterable[bytes]) -> AsyncIterator[bytes]:

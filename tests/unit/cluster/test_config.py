@@ -119,7 +119,7 @@ def test_autoscaling_maps_to_serve_configs():
 
     ours = ClusterConfig.model_validate(_cfg(autoscaling={"min_replicas": 0, "max_replicas": 3})).models[0]
     cfg = _deployment_options(ours)["autoscaling_config"]
-    assert cfg["policy"]["policy_function"] == "cluster.autoscaling:decide"
+    assert cfg["policy"]["policy_function"] == "cluster.autoscaling:serve_policy"
     assert cfg["min_replicas"] == 0 and cfg["max_replicas"] == 3 and "num_replicas" not in _deployment_options(ours)
     base = ClusterConfig.model_validate(_cfg(autoscaling={"policy": "serve-default", "max_replicas": 3,
                                                           "target_ongoing_requests": 3})).models[0]

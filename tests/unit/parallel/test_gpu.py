@@ -76,9 +76,23 @@ FOUR = [("GPU-aaaa-1111", 10, 1, 16), ("GPU-bbbb-2222", 50, 4, 16), ("GPU-cccc-3
         ("GPU-dddd-4444", 0, 0, 16)]
 
 
-def approx(utilization: float, memory_used_fraction: float, device_count: int):
-    """Matches a GpuReading with these values (floats to rounding)."""
-    return pytest.approx(GpuReading(utilization, memory_used_fraction, device_count).__dict__)
+class approx:  # lower case: reads like pytest.approx at the call sites
+    """Matches a GpuReading's ``__dict__`` with these values (floats to rounding); the summed memory bytes
+    only when given."""
+
+    def __init__(self, utilization: float, memory_used_fraction: float, device_count: int,
+                 memory_used_gib: int | None = None) -> None:
+        self.gib = memory_used_gib
+        self.expected = GpuReading(utilization, memory_used_fraction, device_count, (memory_used_gib or 0) << 30)
+
+    def __eq__(self, other: object) -> bool:
+        got, want = dict(other), dict(self.expected.__dict__)  # type: ignore[call-overload]
+        if self.gib is None:
+            got.pop("memory_used_bytes"), want.pop("memory_used_bytes")
+        return got == pytest.approx(want)
+
+    def __repr__(self) -> str:
+        return f"approx({self.expected})"
 
 
 def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -122,7 +136,8 @@ def test_no_held_gpu_reads_none_and_logs_once(caplog):
 # ---- readings ------------------------------------------------------------------------------------------
 def test_averages_over_held_devices():
     monitor = GpuMonitor(nvml=FakeNvml(FOUR), env={"CUDA_VISIBLE_DEVICES": "1,2"})
-    assert monitor.read().__dict__ == approx(utilization=0.75, memory_used_fraction=0.375, device_count=2)
+    assert monitor.read().__dict__ == approx(utilization=0.75, memory_used_fraction=0.375, device_count=2,
+                                              memory_used_gib=12)
     assert monitor.device_uuids == ["GPU-bbbb-2222", "GPU-cccc-3333"]
 
 
@@ -167,7 +182,7 @@ def test_each_read_is_fresh_and_nvml_starts_once():
 def test_unreadable_device_is_left_out_and_logged_once(caplog):
     caplog.set_level(logging.INFO, logger="parallel.gpu")
     monitor = GpuMonitor(nvml=FakeNvml(FOUR, broken={0}), env={"CUDA_VISIBLE_DEVICES": "0,1"})
-    assert [monitor.read() for _ in range(3)] == [GpuReading(0.5, 0.25, 1)] * 3  # exact: 50 / 100, 4 / 16
+    assert [monitor.read() for _ in range(3)] == [GpuReading(0.5, 0.25, 1, 4 * GIB)] * 3  # exact: 50 / 100, 4 / 16
     assert len(_messages(caplog)) == 1 and "left out" in _messages(caplog)[0]
     assert GpuMonitor(nvml=FakeNvml(FOUR, broken={0}), env={"CUDA_VISIBLE_DEVICES": "0"}).read() is None
 

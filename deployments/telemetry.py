@@ -1,0 +1,72 @@
+"""A Serve process's observability, composed once: the request observer (metrics, request log, drift) and
+the metrics pusher. The router, each model replica and each embedding replica make one ``Telemetry``.
+
+Example (in a Serve replica, on its event loop):
+    >>> t = Telemetry.start(Observability(), ingress="router", model=None)  # doctest: +SKIP
+    >>> out = t.observer.begin("r1", "/v1/completions")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from deployments.drift import DriftRecorder
+from deployments.ingress.observe import RequestObserver
+from deployments.metrics_hub import MetricsPusher
+from deployments.request_log import RequestLog, RequestLogConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class Observability:
+    """Config: ``observability`` (cluster/config.py ObservabilitySpec)."""
+
+    metrics: bool = True  # push this process's registry to the hub (what /metrics shows)
+    push_interval_s: float = 2.0
+    request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
+    drift: bool = True
+    drift_windows: tuple[int, float, int] = (500, 600.0, 100)  # baseline requests, recent window s, min recent
+
+
+def process_id() -> str:
+    """This Serve replica's id (unique per replica: the ``replica`` label), or host-pid outside Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return f"{os.uname().nodename}-{os.getpid()}"
+
+
+class Telemetry:
+    """What one process records and exports."""
+
+    def __init__(self, config: Observability, ingress: str, model: str | None) -> None:
+        self.config = config
+        self.source = process_id()
+        rl = config.request_log
+        log = RequestLog(rl, f"{ingress}-{self.source}") if rl.enabled else None
+        self.drift = DriftRecorder() if config.drift else None
+        self.observer = RequestObserver(ingress, log, self.drift)
+        self.pusher: MetricsPusher | None = None
+        if config.metrics:
+            labels = {"replica": self.source}
+            self.pusher = MetricsPusher(self.source, labels, model, config.push_interval_s, self.drift,
+                                        config.drift_windows)
+
+    @classmethod
+    def start(cls, config: Observability, ingress: str, model: str | None) -> Telemetry:
+        """Make it and start pushing (needs the running event loop)."""
+        t = cls(config, ingress, model)
+        if t.pusher is not None:
+            t.pusher.start()
+        return t
+
+    async def stop(self) -> None:
+        if self.pusher is not None:
+            await self.pusher.stop()
+        if self.observer.log is not None:
+            self.observer.log.close()

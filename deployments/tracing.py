@@ -1,0 +1,515 @@
+"""OpenTelemetry spans for ingress -> replica -> engine, off unless configured; the one seam around the SDK.
+
+``setup(config)`` once per process: with no ``otlp_endpoint`` (the default) nothing is installed and every call
+is a no-op of well under a microsecond. Spans go through a ``TracerProvider`` owned here, never the global one
+(Ray or vLLM may have set that). The ingress's ``request_span`` continues a client's W3C ``traceparent`` when
+valid; anything else (garbage, version ff, zero ids, an oversized header) starts a new trace, never raises.
+Processes pass one plain string: ``span.traceparent`` / ``current_traceparent()`` on one side, ``child_span``
+and ``record_phases`` (the engine's queued / prefill / decode, timed by ``time.monotonic()``) on the other.
+``tracestate`` is dropped: nothing here reads it, and the typed messages carry one bounded string.
+
+Sampling is ``ParentBased(TraceIdRatioBased(sample_ratio))``, but the client's sampled flag is not trusted: the
+ingress continues the trace id with its own draw, so a client can neither force recording past the ratio nor
+turn it off; replica and engine follow the ingress's flag. Privacy: no prompt or completion text in a span.
+Keys naming content (any dotted segment in ``_CONTENT_SEGMENTS``: ``gen_ai.prompt``, ``gen_ai.input.messages``,
+...) are dropped, exception messages never recorded (they may quote the input), strings cut at 256 characters.
+
+Example:
+    >>> tracer = setup(TracingConfig())  # no endpoint: off, nothing installed
+    >>> with request_span("POST /v1/completions", None, {HTTP_REQUEST_METHOD: "POST"}) as span:
+    ...     span.set_status(200)
+    >>> current_traceparent() is None and span.traceparent is None
+    True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import TracebackType
+from typing import Final, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+_log = logging.getLogger(__name__)
+
+# Semantic-convention names (HTTP stable, GenAI incubating); the test checks them against the semconv package.
+HTTP_REQUEST_METHOD: Final = "http.request.method"
+HTTP_ROUTE: Final = "http.route"
+HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
+ERROR_TYPE: Final = "error.type"
+GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
+GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
+GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
+GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
+GEN_AI_REQUEST_TOP_P: Final = "gen_ai.request.top_p"
+GEN_AI_REQUEST_STREAM: Final = "gen_ai.request.stream"
+GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
+GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
+GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
+GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
+GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
+REQUEST_ID: Final = "modelfleet.request.id"  # no convention exists for a server-side request id
+CANCELLED: Final = "modelfleet.cancelled"
+
+MAX_STRING: Final = 256  # attribute strings are cut here
+_MAX_NAME = 128
+_MAX_ITEMS = 32  # items kept from a sequence attribute
+_MAX_ATTRIBUTES = 64
+_MAX_TRACEPARENT = 512  # W3C sets no cap for future versions; a longer header is hostile, not a trace
+_INT64 = 2**63
+_CONTENT_SEGMENTS: Final = frozenset(
+    {"prompt", "completion", "messages", "content", "text", "system_instructions", "arguments", "result",
+     "documents"})
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+Protocol = Literal["grpc", "http/protobuf"]
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Where spans go. ``otlp_endpoint`` None (or blank) means tracing is off, the default.
+
+    ``otlp_endpoint``: for ``http/protobuf`` a URL; a bare ``http://host:4318`` gets ``/v1/traces`` appended.
+    For ``grpc`` ``http://host:4317`` (plaintext) or ``https://host:4317``. ``headers`` go to the collector
+    (auth); they are left out of ``repr`` and never logged. Plain values only, so it pickles across Ray.
+
+    Example:
+        >>> config = TracingConfig("http://collector:4318", headers={"authorization": "Bearer s3cret"})
+        >>> "s3cret" in repr(config), config.protocol
+        (False, 'http/protobuf')
+    """
+
+    otlp_endpoint: str | None = None
+    protocol: Protocol = "http/protobuf"  # the OTLP spec's default
+    service_name: str = "modelfleet"
+    sample_ratio: float = 1.0
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
+
+    def __post_init__(self) -> None:
+        endpoint = (self.otlp_endpoint or "").strip() or None
+        object.__setattr__(self, "otlp_endpoint", endpoint)
+        object.__setattr__(self, "headers", {str(k): str(v) for k, v in dict(self.headers).items()})
+        if self.protocol not in ("grpc", "http/protobuf"):
+            raise ValueError(f"protocol must be 'grpc' or 'http/protobuf', not {self.protocol!r}")
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be in [0, 1], not {self.sample_ratio}")
+        if not self.service_name:
+            raise ValueError("service_name must not be empty")
+        if endpoint and self.protocol == "http/protobuf" and urlsplit(endpoint).scheme not in ("http", "https"):
+            raise ValueError(f"an http/protobuf endpoint is an http(s):// URL, not {_redacted(endpoint)!r}")
+
+
+class Phase(NamedTuple):
+    """One finished stretch of a request in the engine. A float time is ``time.monotonic()`` seconds (what
+    the engine measures), an int is epoch nanoseconds (``time.time_ns()``). A None time skips the phase."""
+
+    name: str
+    start: float | int | None
+    end: float | int | None
+    attributes: Mapping[str, object] | None = None
+
+
+def _offset_ns() -> int:
+    before = time.time_ns()
+    mono = time.monotonic_ns()
+    return (before + time.time_ns()) // 2 - mono
+
+
+# Taken once: monotonic stamps are immune to wall-clock steps, and one fixed offset keeps every duration
+# exactly as measured and phases in order, where reading time.time() per conversion would let an NTP step
+# stretch, shrink or reorder them. CLOCK_MONOTONIC is system-wide, so stamps from the engine process convert
+# correctly here; a step of the wall clock after start shifts spans (not durations) until the process restarts.
+_EPOCH_OFFSET_NS: Final = _offset_ns()
+
+
+def monotonic_to_epoch_ns(t: float) -> int:
+    """A ``time.monotonic()`` reading (this host, any process) as epoch nanoseconds, as spans want them."""
+    return _EPOCH_OFFSET_NS + round(t * 1e9)
+
+
+def context_from(traceparent: str | None) -> Context:
+    """The OpenTelemetry context of a W3C ``traceparent``; an empty context (a new trace) for anything
+    missing or malformed. Never raises."""
+    parsed = _parse(traceparent)
+    return Context() if parsed is None else _remote(*parsed)
+
+
+def _remote(trace_id: int, span_id: int, flags: int) -> Context:
+    parent = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & TraceFlags.SAMPLED))
+    return trace.set_span_in_context(NonRecordingSpan(parent), Context())
+
+
+class SpanHandle:
+    """What ``request_span`` / ``child_span`` return, a context manager. This base is the no-op one given
+    while tracing is off: every method returns at once. (An unsampled span is a live one recording nothing.)
+
+    Example:
+        >>> with child_span("replica.generate", None) as span:
+        ...     span.set_attributes({GEN_AI_USAGE_OUTPUT_TOKENS: 12, GEN_AI_RESPONSE_FINISH_REASONS: ["stop"]})
+        >>> span.recording, span.traceparent
+        (False, None)
+    """
+
+    __slots__ = ()
+    recording: bool = False
+
+    @property
+    def traceparent(self) -> str | None:
+        """This span's W3C traceparent, for another process (None when tracing is off)."""
+        return None
+
+    def set_attribute(self, key: str, value: object) -> None:
+        """Set one attribute. Content keys are dropped, strings cut at 256; values other than str, bool,
+        int, float and flat sequences of one of them are dropped."""
+
+    def set_attributes(self, attributes: Mapping[str, object]) -> None:
+        """``set_attribute`` for each item."""
+
+    def set_status(self, status_code: int) -> None:
+        """Record the HTTP status answered. 5xx marks the span an error (``error.type`` = the code); 4xx
+        does not (the OpenTelemetry HTTP server convention). An exception escaping afterwards keeps it."""
+
+    def set_error(self, error_type: str) -> None:
+        """Mark the span failed with a short, low-cardinality ``error.type`` (never a message)."""
+
+    def __enter__(self) -> SpanHandle:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
+
+
+_NOOP_SPAN: Final = SpanHandle()
+
+
+class _LiveSpan(SpanHandle):
+    """Started when created; made current (``activate``) from enter to exit; ended at exit."""
+
+    __slots__ = ("_activate", "_span", "_status_set", "_token", "recording")
+
+    def __init__(self, tracer: trace.Tracer, name: str, context: Context | None, kind: SpanKind,
+                 attributes: Mapping[str, object] | None, activate: bool) -> None:
+        # record_exception off: an exception's message and traceback may quote the prompt.
+        self._span = tracer.start_span(_clean_string(str(name), _MAX_NAME), context=context, kind=kind,
+                                       attributes=_clean(attributes) if attributes else None,
+                                       record_exception=False, set_status_on_exception=False)
+        self.recording = self._span.is_recording()
+        self._activate, self._token, self._status_set = activate, None, False
+
+    @property
+    def traceparent(self) -> str | None:
+        return _format(self._span.get_span_context())
+
+    def set_attribute(self, key: str, value: object) -> None:
+        if self.recording and _allowed_key(key) and (cleaned := _clean_value(value)) is not None:
+            self._span.set_attribute(key, cleaned)  # type: ignore[arg-type]
+
+    def set_attributes(self, attributes: Mapping[str, object]) -> None:
+        if self.recording:
+            self._span.set_attributes(_clean(attributes))  # type: ignore[arg-type]
+
+    def set_status(self, status_code: int) -> None:
+        if self.recording:
+            code = int(status_code)
+            self._status_set = True
+            self._span.set_attribute(HTTP_RESPONSE_STATUS_CODE, code)
+            if code >= 500:
+                self._span.set_attribute(ERROR_TYPE, str(code))
+                self._span.set_status(Status(StatusCode.ERROR, f"HTTP {code}"))
+
+    def set_error(self, error_type: str) -> None:
+        if self.recording:
+            self._status_set = True
+            error_type = _clean_string(str(error_type), _MAX_NAME)
+            self._span.set_attribute(ERROR_TYPE, error_type)
+            self._span.set_status(Status(StatusCode.ERROR, error_type))
+
+    def __enter__(self) -> SpanHandle:
+        if self._activate:
+            self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            if exc is not None and self.recording:
+                if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+                    self._span.set_attribute(CANCELLED, True)  # the client went away: not a server error
+                elif not self._status_set:
+                    self.set_error(type(exc).__qualname__)
+        finally:
+            self._span.end()
+            token, self._token = self._token, None
+            if isinstance(token, contextvars.Token):
+                # A streamed generator may be closed from another task (another contextvars.Context), where
+                # resetting raises; that context is discarded anyway, and otel's detach would log a traceback.
+                with contextlib.suppress(ValueError, RuntimeError):
+                    token.var.reset(token)
+            elif token is not None:
+                otel_context.detach(token)  # a runtime context other than contextvars
+
+
+class Tracing:
+    """The process's tracer (one: ``setup`` installs into it, ``shutdown`` empties it); off, every call a
+    no-op, until installed. The module functions of the same names are its bound methods.
+
+    Example:
+        >>> off = Tracing()
+        >>> off.enabled, off.request_span("POST /v1/chat/completions", "00-garbage") is off.child_span("x", None)
+        (False, True)
+    """
+
+    def __init__(self) -> None:
+        self.config = TracingConfig()
+        self.provider: TracerProvider | None = None
+        self.exporter: SpanExporter | None = None
+        self._tracer: trace.Tracer | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._tracer is not None
+
+    def request_span(self, name: str, traceparent: str | None = None,
+                     attributes: Mapping[str, object] | None = None, *, activate: bool = True) -> SpanHandle:
+        """A SERVER span for one HTTP request, continuing the client's ``traceparent`` when valid, a new trace
+        otherwise. ``activate``: current from enter to exit (``current_traceparent`` sees it). Pass False when
+        it ends in another task (a streamed body) and hand on ``span.traceparent`` explicitly."""
+        tracer = self._tracer
+        if tracer is None:
+            return _NOOP_SPAN
+        parsed = _parse(traceparent)
+        if parsed is None:
+            context = Context()  # a root: the ingress is where this service's part of a trace begins
+        else:
+            ratio = self.config.sample_ratio
+            sampled = ratio >= 1.0 or random.random() < ratio  # our draw, not the client's flag
+            context = _remote(parsed[0], parsed[1], TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+        return _LiveSpan(tracer, name, context, SpanKind.SERVER, attributes, activate)
+
+    def child_span(self, name: str, parent_traceparent: str | None,
+                   attributes: Mapping[str, object] | None = None, *, activate: bool = True) -> SpanHandle:
+        """An INTERNAL span, child of ``parent_traceparent`` (from another process); with None or a malformed
+        one, child of the current span, or a new trace."""
+        tracer = self._tracer
+        if tracer is None:
+            return _NOOP_SPAN
+        parsed = _parse(parent_traceparent)
+        return _LiveSpan(tracer, name, None if parsed is None else _remote(*parsed), SpanKind.INTERNAL, attributes,
+                         activate)
+
+    def record_phases(self, parent_traceparent: str | None, phases: Sequence[Phase | tuple[object, ...]]) -> None:
+        """Emit finished spans with the given times, in the given order, children of ``parent_traceparent``.
+        Nothing without a valid, sampled parent (root spans with no request above them would be noise). A
+        phase with a missing, implausible or backwards time, or malformed, is skipped: a bug in timing must
+        not fail the request it times."""
+        tracer = self._tracer
+        parsed = _parse(parent_traceparent) if tracer is not None else None
+        if tracer is None or parsed is None or not parsed[2] & TraceFlags.SAMPLED:
+            return
+        context = _remote(*parsed)
+        for phase in phases:
+            try:
+                name, start, end, attributes = Phase(*phase)  # type: ignore[arg-type]
+            except TypeError:
+                continue
+            start_ns, end_ns = _epoch_ns(start), _epoch_ns(end)
+            if start_ns is None or end_ns is None or end_ns < start_ns:
+                continue
+            span = tracer.start_span(_clean_string(str(name), _MAX_NAME), context=context, start_time=start_ns,
+                                     attributes=_clean(attributes) if attributes else None)  # type: ignore[arg-type]
+            span.end(end_time=end_ns)
+
+    def current_traceparent(self) -> str | None:
+        """The W3C traceparent of the current span (of any provider), or None (off, or none current)."""
+        return None if self._tracer is None else _format(trace.get_current_span().get_span_context())
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Export what has ended; True when done in time."""
+        provider = self.provider
+        return True if provider is None else provider.force_flush(int(timeout_s * 1000))
+
+    def _install(self, config: TracingConfig, provider: TracerProvider, exporter: SpanExporter) -> None:
+        self.config, self.provider, self.exporter = config, provider, exporter
+        self._tracer = provider.get_tracer("modelfleet")  # last: request_span reads config once this is set
+
+    def _uninstall(self) -> TracerProvider | None:
+        provider, self._tracer, self.provider, self.exporter = self.provider, None, None, None
+        self.config = TracingConfig()
+        return provider
+
+
+_TRACING: Final = Tracing()
+_lock = threading.Lock()
+
+
+def setup(config: TracingConfig | None = None, exporter: SpanExporter | None = None) -> Tracing:
+    """Install tracing for this process and return the process's ``Tracing``; idempotent. Off (nothing
+    installed) when ``config`` has no endpoint and no ``exporter`` is given. An ``exporter`` (tests:
+    ``InMemorySpanExporter``) is used synchronously in place of OTLP; otherwise a background thread batches
+    spans to the endpoint, dropping them, never blocking, when the collector falls behind. Once installed, a
+    call asking for something else is logged and ignored (``shutdown()`` first to change it)."""
+    config = config or TracingConfig()
+    with _lock:
+        if _TRACING.enabled:
+            if config != _TRACING.config or (exporter is not None and exporter is not _TRACING.exporter):
+                _log.warning("tracing is already set up in this process; keeping the first configuration")
+            return _TRACING
+        if config.otlp_endpoint is None and exporter is None:
+            return _TRACING
+        provider = TracerProvider(
+            sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+            resource=Resource.create({SERVICE_NAME: config.service_name}),
+            span_limits=SpanLimits(max_span_attributes=_MAX_ATTRIBUTES, max_span_attribute_length=MAX_STRING))
+        if exporter is not None:
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+        else:
+            exporter = _otlp_exporter(config)
+            provider.add_span_processor(BatchSpanProcessor(exporter))
+            _log.info("tracing: spans go over OTLP %s to %s (sample ratio %g)", config.protocol,
+                      _redacted(config.otlp_endpoint or ""), config.sample_ratio)
+        _TRACING._install(config, provider, exporter)
+        return _TRACING
+
+
+def shutdown() -> None:
+    """Flush, stop exporting and uninstall (a replica's drain; tests); a later ``setup`` installs afresh."""
+    with _lock:
+        provider = _TRACING._uninstall()
+    if provider is not None:
+        provider.shutdown()
+
+
+def enabled() -> bool:
+    """Whether spans are recorded: lets a caller skip building attributes when off."""
+    return _TRACING.enabled
+
+
+# Bound once: ``from deployments.tracing import request_span`` stays right across setup and shutdown.
+request_span = _TRACING.request_span
+child_span = _TRACING.child_span
+record_phases = _TRACING.record_phases
+current_traceparent = _TRACING.current_traceparent
+flush = _TRACING.flush
+
+
+def _otlp_exporter(config: TracingConfig) -> SpanExporter:
+    endpoint = config.otlp_endpoint or ""
+    headers = {k.lower(): v for k, v in config.headers.items()}  # gRPC metadata keys must be lowercase
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter(endpoint=endpoint, headers=headers or None)
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    if urlsplit(endpoint).path in ("", "/"):  # a collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is given
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return HttpExporter(endpoint=endpoint, headers=headers or None)
+
+
+def _parse(traceparent: object) -> tuple[int, int, int] | None:
+    if not isinstance(traceparent, str) or len(traceparent) > _MAX_TRACEPARENT:
+        return None
+    value = traceparent.strip(" \t")
+    match = _TRACEPARENT.fullmatch(value[:55])
+    if match is None:
+        return None
+    version, trace_hex, span_hex, flags = match.groups()
+    if version == "ff" or (version == "00" and len(value) != 55) or (len(value) > 55 and value[55] != "-"):
+        return None  # ff is forbidden; a later version may append fields after a dash, 00 may not
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return trace_id, span_id, int(flags, 16)
+
+
+def _format(span_context: SpanContext) -> str | None:
+    if not span_context.is_valid:
+        return None
+    return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{int(span_context.trace_flags):02x}"
+
+
+def _epoch_ns(t: object) -> int | None:
+    # Guards against the other clock: an int below 2001 in epoch ns is monotonic_ns; a float above 31 years
+    # of uptime is time.time(). Such a phase would be drawn decades away, so it is skipped instead.
+    if isinstance(t, bool):
+        return None
+    if isinstance(t, int):
+        return t if t >= 10**18 else None
+    if isinstance(t, float) and 0.0 <= t < 1e9:
+        return monotonic_to_epoch_ns(t)
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def _allowed_key(key: object) -> bool:
+    return (isinstance(key, str) and 0 < len(key) <= _MAX_NAME
+            and not any(part in _CONTENT_SEGMENTS for part in key.split(".")))
+
+
+def _clean_string(value: str, limit: int = MAX_STRING) -> str:
+    value = value[:limit]
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON) would fail the whole OTLP batch's encoding
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _clean_scalar(value: object) -> str | bool | int | float | None:
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -_INT64 <= value < _INT64 else str(value)[:MAX_STRING]  # OTLP ints are int64
+    if isinstance(value, str):
+        return _clean_string(value)
+    return None  # an object's repr may hold anything, text included
+
+
+def _clean_value(value: object) -> object:
+    if isinstance(value, list | tuple):
+        items = [_clean_scalar(v) for v in value[:_MAX_ITEMS]]
+        if None in items or len({type(v) for v in items}) > 1:
+            return None  # OpenTelemetry takes only flat, homogeneous sequences
+        return tuple(items)
+    return _clean_scalar(value)
+
+
+def _clean(attributes: Mapping[str, object] | None) -> dict[str, object]:
+    if not attributes:
+        return {}
+    cleaned = {}
+    for key, value in list(attributes.items())[:_MAX_ATTRIBUTES]:
+        if _allowed_key(key):
+            value = _clean_value(value)
+            if value is not None:
+                cleaned[key] = value
+    return cleaned
+
+
+def _redacted(endpoint: str) -> str:
+    # Only scheme, host, port and path are logged: a URL's userinfo or query may hold a credential.
+    parts = urlsplit(endpoint if "//" in endpoint else "//" + endpoint)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme + '://' if parts.scheme else ''}{host}{parts.path}"
