@@ -159,10 +159,13 @@ class DirectApp:
             response.headers["x-modelfleet-path"] = "direct"
             return response
         obs = self.observer
-        outcome = obs.begin(rid, path if path in ("/v1/completions", "/v1/chat/completions") else "other")
+        outcome = obs.begin(rid, path if path in ("/v1/completions", "/v1/chat/completions") else "other", method,
+                            headers.get("traceparent"))
         try:
             if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
                 a = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid, outcome)
+                if (a.body or {}).get("model") == self.model:  # this replica's model: a bounded label
+                    outcome.model = self.model
                 schema = CompletionRequest if path == "/v1/completions" else ChatCompletionRequest
                 req = parse(schema, a.body or {})
                 if req.model != self.model:

@@ -23,7 +23,10 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments import metrics  # through the module: Serve pickles this class by value, a metric holds a lock
+from deployments import (
+    metrics,  # through the module: Serve pickles this class by value, a metric holds a lock
+    tracing,
+)
 from deployments.admission import AdmissionLimits, LoadTracker, decide
 from deployments.direct import DirectListener, DirectOptions
 from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, TokenLogprob
@@ -105,6 +108,7 @@ class LLMServer:
         if self.gpu is not None and obs.metrics:
             metrics.watch_gpu(model_name, self.gpu.read)
         self._restarts = 0  # engine restarts already counted in modelfleet_engine_restarts_total
+        metrics.ENGINE_RESTARTS.labels(model_name)  # exported at 0 from the start (a series, not a gap)
         self.telemetry = Telemetry.start(obs, "direct", model_name)
         self.direct: DirectListener | None = None
         self._front, self._heartbeat = front, None
@@ -222,6 +226,9 @@ class LLMServer:
             return
         self.load.enqueue()
         started_at: float | None = None
+        scheduled = last = None
+        span = tracing.child_span("replica.generate", req.traceparent, {tracing.GEN_AI_REQUEST_MODEL: self.model_name,
+                                  tracing.REQUEST_ID: rid}, activate=False).__enter__() if req.traceparent else None
         try:
             # A large prompt is rendered and tokenised in a worker thread (seconds of CPU must not freeze other
             # streams); a small one inline, where the thread hop would cost more than the work.
@@ -233,7 +240,10 @@ class LLMServer:
                 if started_at is None:
                     started_at = time.monotonic()
                     self.load.start()
-                    queue_s = max(0.0, d.scheduled_at - arrived) if d.scheduled_at is not None else None
+                    scheduled = d.scheduled_at
+                    queue_s = max(0.0, scheduled - arrived) if scheduled is not None else None
+                if span is not None:
+                    last = time.monotonic()
                 yield Chunk(d.text, d.token_ids, d.finish_reason, d.num_prompt_tokens, d.num_output_tokens,
                             self._logprobs(d) if want_lps and d.token_ids else None, queue_s)
         except ServeError as err:
@@ -246,6 +256,11 @@ class LLMServer:
         finally:
             self.load.finish(started_at is not None,
                              time.monotonic() - started_at if started_at is not None else None)
+            if span is not None:  # the engine's phases, from this process's monotonic clock (the engine's too)
+                tracing.record_phases(span.traceparent, [("engine.queued", arrived, scheduled),
+                                                         ("engine.prefill", scheduled, started_at),
+                                                         ("engine.decode", started_at, last)])
+                span.__exit__(None, None, None)
 
     # ---- helpers (run in a worker thread: tokenising a large prompt takes seconds) ----------------------
     def _prepare(self, req: GenerateRequest) -> tuple[list[int], SamplingParams]:

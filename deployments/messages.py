@@ -43,6 +43,7 @@ class GenerateRequest:
     deadline: float | None = None
     model: str = ""
     admitted_at: float | None = None  # time.time() when the ingress admitted it (the router's queue starts)
+    traceparent: str | None = None  # W3C trace context of the ingress's span (tracing on)
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, openmetrics
 from prometheus_client.core import Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from deployments.metrics import HUB_COUNTERS, HUB_GAUGES
 
@@ -107,12 +107,20 @@ class _Fixed:
         yield from self.metrics
 
 
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
 def render(snapshots: Iterable[Snapshot], extra: Iterable[Metric] = (), accept: str = "") -> tuple[bytes, str]:
-    """The exposition (body, content type): Prometheus text, or OpenMetrics when ``accept`` asks for it."""
+    """The exposition (body, content type): Prometheus text, or OpenMetrics when ``accept`` asks for it.
+
+    OpenMetrics is written without name escaping: ``vllm:x`` is a valid OpenMetrics name, but
+    prometheus_client (0.26) turns colons into underscores unless the scraper asks for ``allow-utf-8``, and
+    Prometheus asks for OpenMetrics by default: vLLM's names must survive the scrape."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed(merge(snapshots) + list(extra)))  # type: ignore[arg-type]
-    encoder, content_type = choose_encoder(accept)
-    return encoder(registry), content_type
+    if "application/openmetrics-text" in accept:
+        return openmetrics.exposition.generate_latest(registry, escaping="allow-utf-8"), OPENMETRICS
+    return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 @dataclass

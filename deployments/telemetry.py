@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from deployments import tracing
 from deployments.drift import DriftRecorder
 from deployments.ingress.observe import RequestObserver
 from deployments.metrics_hub import MetricsPusher
@@ -29,6 +30,7 @@ class Observability:
     request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
     drift: bool = True
     drift_windows: tuple[int, float, int] = (500, 600.0, 100)  # baseline requests, recent window s, min recent
+    tracing: tracing.TracingConfig = field(default_factory=tracing.TracingConfig)  # off unless an endpoint
 
 
 def process_id() -> str:
@@ -61,6 +63,8 @@ class Telemetry:
     def start(cls, config: Observability, ingress: str, model: str | None) -> Telemetry:
         """Make it and start pushing (needs the running event loop)."""
         t = cls(config, ingress, model)
+        if config.tracing.otlp_endpoint:
+            tracing.setup(config.tracing)
         if t.pusher is not None:
             t.pusher.start()
         return t
@@ -70,3 +74,4 @@ class Telemetry:
             await self.pusher.stop()
         if self.observer.log is not None:
             self.observer.log.close()
+        tracing.shutdown()  # flushes the spans still queued

@@ -105,7 +105,8 @@ class Router:
         path = path.rstrip("/") or "/"
         headers = {k.lower(): v for k, v in request.headers.items()}
         rid = request_id(headers)  # Serve's proxy put the client's id (or one of its own) in x-request-id
-        outcome = self.observer.begin(rid, path if any(p == path for _, p in self.routes) else "other")
+        outcome = self.observer.begin(rid, path if any(p == path for _, p in self.routes) else "other", method,
+                                      headers.get("traceparent"))
         try:
             handler = self.routes.get((method, path))
             if handler is None:
@@ -113,6 +114,9 @@ class Router:
                     raise invalid(f"method {method} not allowed on {path}", code="method_not_allowed", status=405)
                 raise invalid(f"no route {method} {path}", code="not_found", status=404)
             admitted = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid, outcome)
+            named = (admitted.body or {}).get("model")
+            if isinstance(named, str) and named in self.resolver.routes:  # a configured name: a bounded label
+                outcome.model = named  # (set before parsing, so a refused request of a model counts for it)
             response = await handler(admitted)
         except ServeError as err:
             outcome.fail(err.info)
@@ -240,10 +244,11 @@ class Router:
         refused: float | None = None
         try:
             if not req.streaming:
-                whole = await generate_whole(handle, gen, self.settings.call)
+                chunks = await generate_whole(handle, gen, self.settings.call)
                 if outcome is not None:
-                    outcome.chunk(whole)
-                return shaper.whole(whole)
+                    for c in chunks:
+                        outcome.chunk(c)
+                return shaper.whole(chunks)
             stream: Any = ReplicaStream(handle, gen, self.settings.call)
             await stream.start()  # refusals (400, 503...) surface here, as a status, before the stream starts
             leave = functools.partial(self.shedder.leave, ticket)

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from deployments import tracing
 from deployments.ingress.routes import Stream
 from deployments.messages import Chunk, ErrorInfo
 from deployments.metrics import IN_FLIGHT, REJECTIONS, REQUESTS
@@ -54,6 +55,12 @@ class Outcome:
     prompt: str | None = None  # content, kept only when the privacy mode wants it
     completion: list[str] | None = None
     ended: bool = False
+    span: Any = None  # tracing.SpanHandle of the request (a no-op when tracing is off)
+
+    @property
+    def traceparent(self) -> str | None:
+        """What the replica continues the trace from (None with tracing off)."""
+        return self.span.traceparent if self.span is not None else None
 
     def chunk(self, c: Chunk, now: float | None = None) -> None:
         if self.first_at is None:
@@ -102,10 +109,14 @@ class RequestObserver:
     def __init__(self, ingress: str, log: RequestLog | None = None, drift: Any = None) -> None:
         self.ingress, self.log, self.drift = ingress, log, drift
 
-    def begin(self, request_id: str, route: str) -> Outcome:
+    def begin(self, request_id: str, route: str, method: str = "POST", traceparent: str | None = None) -> Outcome:
         out = Outcome(request_id, route, self.ingress)
         if self.log is not None and self.log.wants_content:
             out.completion = []
+        if tracing.enabled():  # the span ends in end(), maybe in another task (a stream): not made current
+            out.span = tracing.request_span(f"{method} {route}", traceparent, {
+                tracing.HTTP_REQUEST_METHOD: method, tracing.HTTP_ROUTE: route, tracing.REQUEST_ID: request_id},
+                activate=False).__enter__()
         return out
 
     def with_body(self, out: Outcome, body: dict[str, Any] | None) -> None:
@@ -138,6 +149,13 @@ class RequestObserver:
             if self.log is not None:
                 completion = "".join(out.completion) if out.completion is not None else None
                 self.log.write(out.record(), prompt=out.prompt, completion=completion)
+            if out.span is not None:
+                out.span.set_attributes({tracing.GEN_AI_REQUEST_MODEL: out.model or None,
+                                         tracing.GEN_AI_USAGE_INPUT_TOKENS: out.prompt_tokens,
+                                         tracing.GEN_AI_USAGE_OUTPUT_TOKENS: out.completion_tokens,
+                                         tracing.GEN_AI_RESPONSE_FINISH_REASONS: [out.finish_reason or ""]})
+                out.span.set_status(out.status)
+                out.span.__exit__(None, None, None)
         except Exception:  # recording must never fail a request that was answered
             logger.exception("recording request %s failed", out.request_id)
 

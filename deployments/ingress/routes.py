@@ -64,7 +64,8 @@ def completion_call(a: Admitted, req: CompletionRequest) -> tuple[GenerateReques
     prompt = req.single_prompt()
     gen = GenerateRequest(a.request_id, prompt=prompt if isinstance(prompt, str) else tuple(prompt),
                           params=req.sampling_params(req.requested_max_tokens(), req.logprobs),
-                          deadline=a.deadline, model=req.model, admitted_at=a.started)
+                          deadline=a.deadline, model=req.model, admitted_at=a.started,
+                          traceparent=a.outcome.traceparent if a.outcome is not None else None)
     return gen, Shaper("completion", req.model, req.logprobs, echo=prompt if req.echo else "")  # type: ignore[arg-type]
 
 
@@ -73,7 +74,7 @@ def chat_call(a: Admitted, req: ChatCompletionRequest) -> tuple[GenerateRequest,
     max_tokens = req.requested_max_tokens()
     gen = GenerateRequest(a.request_id, messages=req.turns(), params=req.sampling_params(max_tokens or INT32, top),
                           fill_max_tokens=max_tokens is None, deadline=a.deadline, model=req.model,
-                          admitted_at=a.started)
+                          admitted_at=a.started, traceparent=a.outcome.traceparent if a.outcome is not None else None)
     return gen, Shaper("chat", req.model, top)
 
 
