@@ -92,7 +92,11 @@ OUT_DIR = ROOT / "benchmarks" / "out"
 TARGETS = {"mf-vllm": "modelfleet, vLLM engine", "vllm": "vLLM OpenAI server", "mf-native": "modelfleet, native engine",
            "mf-vllm-direct": "modelfleet direct path, vLLM engine",
            "mf-native-direct": "modelfleet direct path, native engine",
+           "mf-vllm-direct-nometrics": "modelfleet direct path, vLLM engine, recording off",
+           "mf-native-direct-nometrics": "modelfleet direct path, native engine, recording off",
            "serve-llm": "Ray Serve LLM (build_openai_app), vLLM engine"}
+# observability off: no metrics, request log, drift or stats line (issue 13's "metrics on vs off")
+NO_RECORDING = {"metrics": False, "request_log": {"enabled": False}, "drift": False, "stats_interval_s": 0}
 NAME = "bench"  # the model name every target serves
 
 
@@ -285,6 +289,8 @@ def start_target(target: str, code: Path, args: argparse.Namespace, vocab: int, 
         (tmp / "cfg.json").write_text(json.dumps(cfg))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--launch-serve-llm", str(tmp / "cfg.json")]
     else:
+        quiet = target.endswith("-nometrics")
+        target = target.removesuffix("-nometrics")
         direct = target.endswith("-direct")  # the client's port is the front proxy's; Serve's proxy gets another
         model = {"name": NAME, "source": args.model, "engine": target.removeprefix("mf-").removesuffix("-direct"),
                  "engine_options": engine_options(args), "resources": {"num_cpus": args.model_cpus},
@@ -293,7 +299,7 @@ def start_target(target: str, code: Path, args: argparse.Namespace, vocab: int, 
         cfg = {"num_cpus": os.cpu_count(), "ray_temp": str(tmp / "ray"), "port": free_port() if direct else port,
                "vocab": vocab, "probe_n": args.probe_requests, "probe_out": str(tmp / "probe.json"),
                "code_root": str(code), "code_out": str(tmp / "code.json"),
-               "args": {"models": [model], "router": router}}
+               "args": {"models": [model], "router": router} | ({"observability": NO_RECORDING} if quiet else {})}
         (tmp / "cfg.json").write_text(json.dumps(cfg))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--launch", str(tmp / "cfg.json")]
     return subprocess.Popen(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -32,6 +32,7 @@ from deployments.ingress.stages import Limits
 from deployments.llm import LLMServer
 from deployments.request_log import RequestLogConfig
 from deployments.telemetry import Observability
+from deployments.tracing import TracingConfig
 
 logger = logging.getLogger("ray.serve")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,8 @@ def observability(cfg: ClusterConfig) -> Observability:
     o = cfg.observability
     return Observability(metrics=o.metrics, push_interval_s=o.push_interval_s,
                          request_log=RequestLogConfig(**o.request_log.model_dump()), drift=o.drift,
-                         drift_windows=(o.drift_baseline_requests, o.drift_window_s, o.drift_min_recent))
+                         drift_windows=(o.drift_baseline_requests, o.drift_window_s, o.drift_min_recent),
+                         tracing=TracingConfig(**o.tracing.model_dump()), stats_interval_s=o.stats_interval_s)
 
 
 def router_settings(cfg: ClusterConfig) -> RouterSettings:

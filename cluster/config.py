@@ -175,6 +175,14 @@ class RequestLogSpec(_Strict):
     backups: int = Field(3, ge=0, le=100, description="rotated files kept per process")
 
 
+class TracingSpec(_Strict):
+    otlp_endpoint: str | None = Field(None, description="OTLP collector (http/protobuf: a URL such as "
+                                      "http://collector:4318; grpc: http(s)://host:4317); unset: tracing off")
+    protocol: Literal["grpc", "http/protobuf"] = "http/protobuf"
+    service_name: str = Field("modelfleet", min_length=1, max_length=128)
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="share of traces recorded (the ingress decides)")
+
+
 class ObservabilitySpec(_Strict):
     metrics: bool = Field(True, description="every process pushes its metrics to the hub behind GET /metrics")
     push_interval_s: float = Field(2.0, ge=0.1, le=60, description="how stale /metrics may be")
@@ -184,6 +192,9 @@ class ObservabilitySpec(_Strict):
                                          "its baseline")
     drift_min_recent: int = Field(100, ge=10, description="a PSI needs this many requests in the recent window")
     drift_window_s: float = Field(600.0, ge=10, description="the recent window")
+    tracing: TracingSpec = Field(default_factory=TracingSpec)
+    stats_interval_s: float = Field(10.0, ge=0, description="a busy native replica logs vLLM's stats line this "
+                                    "often (0: never; the vLLM engine logs its own)")
 
 
 class ClusterConfig(_Strict):

@@ -30,6 +30,7 @@ from deployments import (
 from deployments.admission import AdmissionLimits, LoadTracker, decide
 from deployments.direct import DirectListener, DirectOptions
 from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, TokenLogprob
+from deployments.stats_line import stats_line
 from deployments.telemetry import Observability, Telemetry
 from parallel.chat_template import render_chat
 from parallel.engine_api import Engine
@@ -110,6 +111,9 @@ class LLMServer:
         self._restarts = 0  # engine restarts already counted in modelfleet_engine_restarts_total
         metrics.ENGINE_RESTARTS.labels(model_name)  # exported at 0 from the start (a series, not a gap)
         self.telemetry = Telemetry.start(obs, "direct", model_name)
+        self._stats_task = None
+        if obs.stats_interval_s > 0 and self.engine.info.engine == "native":  # vLLM logs its own line
+            self._stats_task = asyncio.get_running_loop().create_task(self._log_stats(obs.stats_interval_s))
         self.direct: DirectListener | None = None
         self._front, self._heartbeat = front, None
         if direct is not None:  # the hop-free path: this replica answers HTTP for its model itself
@@ -137,8 +141,9 @@ class LLMServer:
     async def __del__(self) -> None:
         """Serve's graceful shutdown (scale-down, redeploy): leave the front, let the listener's requests
         finish (its /health turns 503 at once), then close it. Serve waits graceful_shutdown_timeout_s (20 s)."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for task in (self._heartbeat, self._stats_task):
+            if task is not None:
+                task.cancel()
         await self.telemetry.stop()
         if self.direct is None:
             return
@@ -148,6 +153,17 @@ class LLMServer:
             except Exception as err:  # the front is gone too (the app is being deleted): nothing to leave
                 logger.info("model %s: could not leave the front proxy (%s)", self.model_name, type(err).__name__)
         await self.direct.stop(drain_s=15.0)
+
+    async def _log_stats(self, every_s: float) -> None:
+        """vLLM's periodic stats line, for the native engine: only while busy."""
+        prev, at = self.engine.stats(), time.monotonic()
+        while True:
+            await asyncio.sleep(every_s)
+            cur, now = self.engine.stats(), time.monotonic()
+            line = stats_line(self.model_name, prev, cur, now - at)
+            if line is not None:
+                logger.info("%s", line)
+            prev, at = cur, now
 
     def _count_restarts(self) -> None:
         restarts = int(getattr(getattr(self.engine, "_loop", None), "num_restarts", 0) or 0)

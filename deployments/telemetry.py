@@ -29,6 +29,7 @@ class Observability:
     push_interval_s: float = 2.0
     request_log: RequestLogConfig = field(default_factory=RequestLogConfig)
     drift: bool = True
+    stats_interval_s: float = 10.0  # a busy native replica's stats line (vLLM's LoggingStatLogger); 0: off
     drift_windows: tuple[int, float, int] = (500, 600.0, 100)  # baseline requests, recent window s, min recent
     tracing: tracing.TracingConfig = field(default_factory=tracing.TracingConfig)  # off unless an endpoint
 

@@ -124,6 +124,7 @@ class LLMEngine:
         self._fault = FaultPlan.from_env()  # test-only; None outside fault-injection tests
         self.num_aborted = 0
         self.num_failed = 0
+        self.num_generated_tokens = 0
         logger.info("engine ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d", mc.path,
                     self.device, self.dtype, self.num_blocks, cc.block_size, self.max_model_len)
 
@@ -257,6 +258,7 @@ class LLMEngine:
                 deltas.extend(self._fail([request.request_id], err))
         if new_tokens:
             self._token_times.append((time.monotonic(), new_tokens))
+            self.num_generated_tokens += new_tokens
         return deltas
 
     def _emit(self, request: Request, appended: int, result: StepResult) -> OutputDelta:
@@ -325,6 +327,7 @@ class LLMEngine:
             draft_calls=draft.calls if draft is not None else 0,
             draft_call_ms=1e3 * draft.call_seconds / max(draft.calls, 1) if draft is not None else 0.0,
             window_s=window_s, prefix_queried_tokens=bm.prefix_queried_tokens, prefix_hit_tokens=bm.prefix_hit_tokens,
-            prompt_computed_tokens=sched.num_prompt_computed_tokens, spec_num_drafts=sched.num_verify_steps,
+            prompt_computed_tokens=sched.num_prompt_computed_tokens, generated_tokens=self.num_generated_tokens,
+            spec_num_drafts=sched.num_verify_steps,
             spec_num_draft_tokens=sched.num_draft_tokens, spec_num_accepted_tokens=sched.num_accepted_tokens,
             spec_accepted_per_pos=tuple(sched.accepted_per_pos))

@@ -34,6 +34,7 @@ class EngineStats:
     prefix_queried_tokens: int = 0
     prefix_hit_tokens: int = 0
     prompt_computed_tokens: int = 0  # prompt tokens run through the model (prefill chunks, recomputation)
+    generated_tokens: int = 0
     spec_num_drafts: int = 0  # verification steps of a request with proposals (vLLM's num_drafts)
     spec_num_draft_tokens: int = 0
     spec_num_accepted_tokens: int = 0

@@ -44,8 +44,9 @@ def wait_healthy(base: str, timeout_s: float, alive: Callable[[], bool] = lambda
     return False
 
 
-def app_args(front_port: int | None = None) -> dict:
-    """The test application; with ``front_port``, on the direct path (``router.mode: direct``)."""
+def app_args(front_port: int | None = None, otlp: str | None = None) -> dict:
+    """The test application; with ``front_port``, on the direct path (``router.mode: direct``); with ``otlp``,
+    tracing to that collector."""
     small = {"dtype": "float32", "max_num_seqs": 16, "kv_cache_memory_bytes": 256 << 20}
     return {"models": [
         {"name": "native", "source": TARGET, "engine": "native", "engine_options": small,
@@ -71,7 +72,8 @@ def app_args(front_port: int | None = None) -> dict:
     ], "router": {"num_cpus": 0.25, "retry_after_s": 2}
         | ({"mode": "direct", "direct_port": front_port} if front_port else {}),
         # /metrics fresh within half a second; drift gauges after a few requests (the dashboard test needs them)
-        "observability": {"push_interval_s": 0.5, "drift_baseline_requests": 10, "drift_min_recent": 10}}
+        "observability": {"push_interval_s": 0.5, "drift_baseline_requests": 10, "drift_min_recent": 10}
+        | ({"tracing": {"otlp_endpoint": otlp}} if otlp else {})}
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +90,51 @@ def ray_cluster():
     ray.shutdown()
 
 
+class OtlpReceiver:
+    """A real OTLP/HTTP trace receiver: every POST /v1/traces body, decoded (ExportTraceServiceRequest)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                msg = ExportTraceServiceRequest()
+                msg.ParseFromString(body)
+                receiver.requests.append(msg)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def spans(self) -> list:
+        """(service name, span) of everything received so far."""
+        out = []
+        for req in list(self.requests):
+            for rs in req.resource_spans:
+                service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                out += [(service, span) for ss in rs.scope_spans for span in ss.spans]
+        return out
+
+
 @pytest.fixture(scope="session")
-def urls(ray_cluster) -> dict[str, str]:
+def otlp() -> OtlpReceiver:
+    return OtlpReceiver()
+
+
+@pytest.fixture(scope="session")
+def urls(ray_cluster, otlp) -> dict[str, str]:
     """Base URLs of the running application: ``front`` (the direct path, the one clients use; the router
     path where no haproxy exists) and ``router`` (Serve's proxy -> the router, always there)."""
     from ray import serve
@@ -100,7 +145,7 @@ def urls(ray_cluster) -> dict[str, str]:
     port, front = free_port(), free_port() if haproxy_binary() else None
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     # serve.run waits for every replica without a limit (an unschedulable one waits forever): bound it.
-    deploy = threading.Thread(target=serve.run, args=(build(app_args(front)),),
+    deploy = threading.Thread(target=serve.run, args=(build(app_args(front, otlp.url)),),
                               kwargs={"name": APP, "route_prefix": "/"}, daemon=True)
     deploy.start()
     deploy.join(timeout=420)

@@ -164,3 +164,31 @@ def test_every_dashboard_panel_evaluates_on_a_real_prometheus(server, router_url
             if not prom.query(resolve_expr(expr, model_name=".+", rate_interval="30s")):
                 empty.append((title, expr))
         assert not empty, f"panels with no data: {empty}"
+
+
+def test_a_clients_trace_is_continued_through_ingress_replica_and_engine(server, router_url, otlp):
+    trace_id, parent = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    for base in (server, router_url):
+        r = httpx.post(f"{base}/v1/completions", headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+                       json={"model": "native", "prompt": "def f():", "max_tokens": 4, "stream": base == server},
+                       timeout=60)
+        assert r.status_code == 200
+    deadline = time.monotonic() + 30  # the batch processor exports every few seconds
+    mine: list = []
+    while time.monotonic() < deadline:
+        mine = [s for _, s in otlp.spans() if s.trace_id.hex() == trace_id]
+        names = [s.name for s in mine]  # each process exports on its own schedule: wait for all of them
+        if names.count("engine.decode") >= 2 and names.count("POST /v1/completions") >= 2:
+            break
+        time.sleep(1)
+    by_id = {s.span_id: s for s in mine}
+    ingress = [s for s in mine if s.name == "POST /v1/completions"]
+    assert len(ingress) == 2 and all(s.parent_span_id.hex() == parent for s in ingress)  # the client's span
+    replica = [s for s in mine if s.name == "replica.generate"]
+    assert len(replica) == 2 and {by_id[s.parent_span_id].name for s in replica} == {"POST /v1/completions"}
+    for phase in ("engine.queued", "engine.prefill", "engine.decode"):
+        spans = [s for s in mine if s.name == phase]
+        assert len(spans) == 2 and all(by_id[s.parent_span_id].name == "replica.generate" for s in spans), phase
+    attrs = {a.key: a.value for a in ingress[0].attributes}
+    assert attrs["gen_ai.usage.output_tokens"].int_value == 4 and attrs["http.response.status_code"].int_value == 200
+    assert not any("def f()" in str(s) for s in mine)  # no prompt text in spans

@@ -157,3 +157,16 @@ def test_a_finished_request_feeds_drift():
     out.chunk(Chunk("ab", (1, 2), "length", 7, 2))
     obs.end(out, 200)
     assert obs.drift.take().requests == 1
+
+
+def test_stats_line_is_quiet_when_idle_and_counts_across_an_engine_restart():
+    from deployments.stats_line import stats_line
+    from parallel.engine_stats import EngineStats
+
+    idle = EngineStats(0, 0, 0, 64, 0.0, 0.0, 0.0, 0, generated_tokens=500)
+    assert stats_line("m", idle, idle, 10.0) is None
+    restarted = EngineStats(0, 2, 8, 64, 0.125, 0.0, 0.0, 0, generated_tokens=30, spec_num_drafts=10,
+                            spec_num_draft_tokens=30, spec_num_accepted_tokens=15)
+    line = stats_line("m", idle, restarted, 10.0)
+    assert "Avg generation throughput: 3.0 tokens/s" in line and "Running: 2 reqs" in line
+    assert "Mean acceptance length: 2.50" in line and "Avg draft acceptance rate: 50.0%" in line
