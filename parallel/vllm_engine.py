@@ -181,6 +181,13 @@ class VllmEngine:
         if kwargs.get("dtype") == "auto":
             kwargs.pop("dtype")
         tp = int(kwargs.get("tensor_parallel_size", 1))
+        if tp == 1 and not _has_gpu():
+            # On CPU vLLM would run the model in a worker process of its own beside the EngineCore, the two
+            # busy-polling their shared-memory queues (sched_yield, and for 1 s after each step): two cores
+            # at 100% whenever a request runs, which on a small machine starves this replica, the front
+            # HAProxy and the clients for up to a second (whole streams then arrive at once). Run the model
+            # in the EngineCore process itself: it blocks on its input queue when idle.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if tp > 1 and not _has_gpu():
             # vLLM's CPU workers bind OpenMP threads to cores: give each rank its own share, "0|1" for two.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tp, os.cpu_count() or 1))

@@ -192,3 +192,39 @@ def test_a_clients_trace_is_continued_through_ingress_replica_and_engine(server,
     attrs = {a.key: a.value for a in ingress[0].attributes}
     assert attrs["gen_ai.usage.output_tokens"].int_value == 4 and attrs["http.response.status_code"].int_value == 200
     assert not any("def f()" in str(s) for s in mine)  # no prompt text in spans
+
+
+def _live_replicas(model: str) -> set[str]:
+    import ray
+
+    details = ray.get(ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve").get_serve_instance_details.remote())
+    dep = details["applications"]["modelfleet"]["deployments"][model]
+    return {r["replica_id"] for r in dep["replicas"] if r["state"] == "RUNNING"}
+
+
+def test_a_killed_replica_leaves_metrics_and_its_replacement_is_counted_once(router_url):
+    import signal
+
+    from tests.integration.test_faults import victim_pids
+
+    starts = value(scrape(router_url), "modelfleet_replica_starts_total", model_name="victim")
+    doomed = next(iter(victim_pids()))
+    os.kill(doomed, signal.SIGKILL)  # a process of the cluster this test session started
+    deadline = time.monotonic() + 180
+    live: set[str] = set()
+    while time.monotonic() < deadline:  # Serve replaces it
+        live = _live_replicas("victim")
+        if len(live) == 2 and doomed not in victim_pids():
+            break
+        time.sleep(1)
+    families: dict = {}
+    deadline = time.monotonic() + 40  # the hub drops a silent source after 15 s
+    while time.monotonic() < deadline:
+        families = scrape(router_url)
+        shown = {s.labels["replica"] for s in families.get("vllm:num_requests_running", [])
+                 if s.labels["model_name"] == "victim"}
+        if shown == live:
+            break
+        time.sleep(1)
+    assert shown == live, (shown, live)  # the dead replica's series are gone, no replica counted twice
+    assert value(families, "modelfleet_replica_starts_total", model_name="victim") == starts + 1

@@ -91,28 +91,26 @@ def test_identical_distributions_give_psi_near_zero():
     assert all(0.0 <= v < 0.01 for v in g.values()), g
 
 
-def test_a_prompt_length_shift_shows_on_prompt_tokens_only():
-    rng = random.Random(2)
-    n = 1000
+def _shift(seed: int, before: tuple[float, float, float], after: tuple[float, float, float]) -> dict:
+    """PSI gauges after a baseline with (prompt mean, output mean, share of stop) ``before`` and a recent
+    window with ``after``, 1000 requests each."""
+    rng, n = random.Random(seed), 1000
     t = DriftTracker(baseline_size=n)
-    feed(t, lognormal_lengths(rng, 100, n), lognormal_lengths(rng, 200, n), reasons(rng, n, 0.8), now=0.0)
-    feed(t, lognormal_lengths(rng, 1000, n), lognormal_lengths(rng, 200, n), reasons(rng, n, 0.8), now=1000.0)
-    g = t.gauges(now=1000.0)
-    assert g[("m", "v1", "prompt_tokens")] > 0.25
-    assert g[("m", "v1", "output_tokens")] < 0.1
-    assert g[("m", "v1", "finish_reason")] < 0.1
+    for (prompt, output, stop), now in ((before, 0.0), (after, 1000.0)):
+        feed(t, lognormal_lengths(rng, prompt, n), lognormal_lengths(rng, output, n), reasons(rng, n, stop), now=now)
+    return {f: v for (_, _, f), v in t.gauges(now=1000.0).items()}
+
+
+def test_a_prompt_length_shift_shows_on_prompt_tokens_only():
+    g = _shift(2, (100, 200, 0.8), (1000, 200, 0.8))
+    assert g["prompt_tokens"] > 0.25
+    assert g["output_tokens"] < 0.1 and g["finish_reason"] < 0.1
 
 
 def test_a_finish_reason_shift_shows_on_finish_reason_only():
-    rng = random.Random(3)
-    n = 1000
-    t = DriftTracker(baseline_size=n)
-    feed(t, lognormal_lengths(rng, 100, n), lognormal_lengths(rng, 200, n), reasons(rng, n, 0.9), now=0.0)
-    feed(t, lognormal_lengths(rng, 100, n), lognormal_lengths(rng, 200, n), reasons(rng, n, 0.1), now=1000.0)
-    g = t.gauges(now=1000.0)
-    assert g[("m", "v1", "finish_reason")] > 0.25
-    assert g[("m", "v1", "prompt_tokens")] < 0.1
-    assert g[("m", "v1", "output_tokens")] < 0.1
+    g = _shift(3, (100, 200, 0.9), (100, 200, 0.1))
+    assert g["finish_reason"] > 0.25
+    assert g["prompt_tokens"] < 0.1 and g["output_tokens"] < 0.1
 
 
 def test_no_gauge_before_the_baseline_fills_nor_before_min_recent():
