@@ -81,7 +81,7 @@ logger = logging.getLogger("ray.serve")
 POLICY_FUNCTION = "cluster.autoscaling:serve_policy"
 # deployments.metrics_hub's HUB_NAME / HUB_NAMESPACE, copied: this module is pickled into the controller by
 # value and may import only the standard library and ray there (a unit test checks they are equal).
-HUB = ("modelfleet-metrics-hub", "modelfleet")
+HUB = ("modelfleet-metrics-hub-v1", "modelfleet")
 SIGNALS = "modelfleet_signals"
 DESIRED = "modelfleet_desired"
 DRIVER = "modelfleet_driver"
@@ -332,27 +332,32 @@ def decide(ctx: Any, knobs: PolicyKnobs | None = None) -> tuple[int, dict[str, A
 
 
 _LAST: dict[str, tuple] = {}  # per deployment: the last export (ticks come ~10 per second; most change nothing)
+_HUB: list = [None, 0.0]  # the hub's handle (looked up once) and when to look again after a failed lookup
 
 
 def serve_policy(ctx: Any) -> tuple[int, dict[str, Any]]:
-    """What Serve calls: :func:`decide`, then its tick exported to the metrics hub (fire and forget)."""
+    """What Serve calls: :func:`decide`, then its tick exported to the metrics hub: fire and forget, at most
+    once a second per deployment unless the decision changes, and a missing hub looked up again only every
+    10 s (this runs in the controller's loop: no blocking lookup per tick)."""
     decision, state = decide(ctx)
     baseline = int(ctx.target_num_replicas)
     direction = "up" if decision > baseline else "down" if decision < baseline else None
     signals = {k: round(float(v), 3) for k, v in (state.get(SIGNALS) or {}).items()}
-    now = float(ctx.current_time) if ctx.current_time is not None else time.time()
+    now = time.monotonic()
     key, last = str(ctx.deployment_name), _LAST.get(str(ctx.deployment_name))
-    record = (state.get(DESIRED), tuple(sorted(signals.items())))
-    if direction is None and last is not None and last[0] == record and now - last[1] < 5.0:
+    if direction is None and last is not None and now - last < 1.0:
         return decision, state
-    _LAST[key] = (record, now)
+    _LAST[key] = now
     try:
         import ray
 
-        if ray.is_initialized():
-            hub = ray.get_actor(HUB[0], namespace=HUB[1])
-            hub.autoscaling.remote(key, float(state.get(DESIRED) or decision), signals, direction,
+        if _HUB[0] is None:
+            if not ray.is_initialized() or now < _HUB[1]:
+                return decision, state
+            _HUB[1] = now + 10.0
+            _HUB[0] = ray.get_actor(HUB[0], namespace=HUB[1])
+        _HUB[0].autoscaling.remote(key, float(state.get(DESIRED, decision)), signals, direction,
                                    str(state.get(DRIVER) or "none"))
-    except Exception:  # no hub yet (no replica has pushed) or it is restarting: the next tick tries again
-        _LAST.pop(key, None)
+    except Exception:  # no hub yet (no replica has pushed) or it is gone: look again in 10 s
+        _HUB[0] = None
     return decision, state

@@ -194,9 +194,11 @@ class DirectApp:
         except ServeError as err:
             outcome.fail(err.info)
             response = error_response(err.info)
-        except ClientDisconnect:
+        except (ClientDisconnect, asyncio.CancelledError) as err:
             outcome.fail(ErrorInfo(499, "client disconnected", code="client_disconnected"))
             obs.end(outcome)
+            if isinstance(err, asyncio.CancelledError):
+                raise
             return Response(status_code=499)
         except Exception:
             logger.exception("request %s %s %s failed", rid, method, path)

@@ -108,8 +108,8 @@ class LLMServer:
         self.gpu = GpuMonitor() if torch.cuda.is_available() else None
         if self.gpu is not None and obs.metrics:
             metrics.watch_gpu(model_name, self.gpu.read)
-        self._restarts = 0  # engine restarts already counted in modelfleet_engine_restarts_total
-        metrics.ENGINE_RESTARTS.labels(model_name)  # exported at 0 from the start (a series, not a gap)
+        metrics.watch_restarts(model_name, lambda: int(getattr(getattr(self.engine, "_loop", None), "num_restarts",
+                                                                0) or 0))
         self.telemetry = Telemetry.start(obs, "direct", model_name)
         self._stats_task = None
         if obs.stats_interval_s > 0 and self.engine.info.engine == "native":  # vLLM logs its own line
@@ -130,7 +130,6 @@ class LLMServer:
     # ---- Serve hooks ------------------------------------------------------------------------------------
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve pulls these for cluster.autoscaling.decide: queue depth, running, KV usage, GPU readings."""
-        self._count_restarts()
         return engine_load_metrics(self.engine.stats(), self.gpu.read() if self.gpu is not None else None)
 
     async def check_health(self) -> None:
@@ -144,15 +143,15 @@ class LLMServer:
         for task in (self._heartbeat, self._stats_task):
             if task is not None:
                 task.cancel()
-        await self.telemetry.stop()
-        if self.direct is None:
-            return
-        if self._front is not None:
-            try:
-                await asyncio.wait_for(self._front.unregister.remote(self.model_name, self._key()), timeout=2)
-            except Exception as err:  # the front is gone too (the app is being deleted): nothing to leave
-                logger.info("model %s: could not leave the front proxy (%s)", self.model_name, type(err).__name__)
-        await self.direct.stop(drain_s=15.0)
+        if self.direct is not None:
+            if self._front is not None:
+                try:
+                    await asyncio.wait_for(self._front.unregister.remote(self.model_name, self._key()), timeout=2)
+                except Exception as err:  # the front is gone too (the app is being deleted): nothing to leave
+                    logger.info("model %s: could not leave the front proxy (%s)", self.model_name,
+                                type(err).__name__)
+            await self.direct.stop(drain_s=15.0)
+        await self.telemetry.stop()  # last: the drained requests' counts, log lines and spans go out too
 
     async def _log_stats(self, every_s: float) -> None:
         """vLLM's periodic stats line, for the native engine: only while busy."""
@@ -164,12 +163,6 @@ class LLMServer:
             if line is not None:
                 logger.info("%s", line)
             prev, at = cur, now
-
-    def _count_restarts(self) -> None:
-        restarts = int(getattr(getattr(self.engine, "_loop", None), "num_restarts", 0) or 0)
-        if restarts > self._restarts:
-            metrics.ENGINE_RESTARTS.labels(self.model_name).inc(restarts - self._restarts)
-            self._restarts = restarts
 
     @staticmethod
     def _key() -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # The router's queue: the ingress admitted the request, the replica has not started it (Serve's handle queue,
 # a cold start). Seconds, vLLM's request-latency scale at the low end.
@@ -41,8 +41,6 @@ REJECTIONS = Counter("modelfleet_request_rejections", "Requests refused or faile
 IN_FLIGHT = Gauge("modelfleet_in_flight_streams", "Streaming responses being sent.", ["model_name", "ingress"])
 ROUTER_QUEUE = Histogram("modelfleet_router_queue_seconds", "Time from admission at the ingress until the model "
                          "replica started the request.", ["model_name"], buckets=QUEUE_BUCKETS)
-ENGINE_RESTARTS = Counter("modelfleet_engine_restarts", "Engine processes restarted in place by their replica.",
-                          ["model_name"])
 EMBEDDING_BATCH = Histogram("modelfleet_embedding_batch_size", "Inputs per embedding forward pass.",
                             ["model_name"], buckets=BATCH_BUCKETS)
 
@@ -91,5 +89,33 @@ class GpuCollector:
 
 def watch_gpu(model_name: str, read: Callable[[], object | None]) -> GpuCollector:
     collector = GpuCollector(model_name, read)
+    REGISTRY.register(collector)
+    return collector
+
+
+class RestartCollector:
+    """``modelfleet_engine_restarts_total``: this replica's engine restarts, read at collection (0 from the
+    start: a series, not a gap).
+
+    Example:
+        >>> [s.value for m in RestartCollector("m", lambda: 2).collect() for s in m.samples]
+        [2.0]
+    """
+
+    def __init__(self, model_name: str, read: Callable[[], int]) -> None:
+        self.model_name, self.read = model_name, read
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("modelfleet_engine_restarts", "Engine processes restarted in place by their "
+                                     "replica.", labels=["model_name"])
+        family.add_metric([self.model_name], float(self.read()))
+        yield family
+
+
+def watch_restarts(model_name: str, read: Callable[[], int]) -> RestartCollector:
+    collector = RestartCollector(model_name, read)
     REGISTRY.register(collector)
     return collector

@@ -8,10 +8,12 @@ named Ray actor (one per cluster, restarted by Ray if it dies; its state refills
 The ingress's ``GET /metrics`` asks the hub to render the latest snapshot of every live process, each
 sample labelled with its ``replica``, in Prometheus text or OpenMetrics (by the scraper's Accept header).
 
-Correct after a replica dies: a process that leaves says so (``forget``), one that dies silently is dropped
-after ``ttl_s`` without a push, and a replacement is a new source with its own ``replica`` label, so no
-series is counted twice; a restarted engine's counters start again from 0, a reset Prometheus handles.
-Staleness is at most one push interval (2 s by default; Prometheus scrapes every 15 s by default).
+Correct after a replica dies: a source not heard of for its ttl (max(15 s, 3 push intervals)) is dropped,
+and a replacement is a new source with its own ``replica`` label, so no series is counted twice; a
+restarted engine's counters start again from 0, a reset Prometheus handles. A replica that stops gracefully
+pushes once more and is then left to expire, so a scrape still sees its last counts. Staleness is at most
+one push interval (2 s by default; Prometheus scrapes every 15 s by default); a render is cached for 1 s and
+the replica counts from Serve's controller for 5 s, so scrapers cannot load the hub or the controller.
 
 Example:
     >>> snap = Snapshot("r1", (("replica", "r1"),), (Family("vllm:x", "gauge", "x", (("vllm:x", (), 2.0),)),))
@@ -36,7 +38,7 @@ from deployments.metrics import HUB_COUNTERS, HUB_GAUGES
 
 logger = logging.getLogger("ray.serve")
 
-HUB_NAME = "modelfleet-metrics-hub"
+HUB_NAME = "modelfleet-metrics-hub-v1"  # the version: a hub left by older code never meets newer snapshots
 HUB_NAMESPACE = "modelfleet"
 PREFIXES = ("vllm:", "modelfleet_")
 
@@ -64,6 +66,7 @@ class Snapshot:
     model: str | None = None  # the model this process serves (None for the router)
     drift: Any = None  # deployments.drift.DriftCounts observed since the previous push
     drift_windows: tuple[int, float, int] = (500, 600.0, 100)  # baseline requests, window s, min recent
+    ttl_s: float = 15.0  # silent this long: the process is gone
     received_at: float = 0.0  # set by the hub
 
 
@@ -123,36 +126,57 @@ def render(snapshots: Iterable[Snapshot], extra: Iterable[Metric] = (), accept: 
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+MAX_SEEN = 4096  # sources remembered for counting starts (bounded; the oldest are forgotten first)
+AUTOSCALER_TTL_S = 60.0  # a deployment's autoscaler gauges go once its policy stopped reporting
+
+
 @dataclass
 class HubState:
-    """The hub's memory, Ray-free (unit-tested alone)."""
+    """The hub's memory, Ray-free (unit-tested alone).
 
-    ttl_s: float = 15.0
+    Example:
+        >>> state = HubState()
+        >>> state.push(Snapshot("r1", (("replica", "r1"),), (), "m", ttl_s=15.0), now=0.0)
+        >>> [s.source for s in state.live(now=10.0)], [s.source for s in state.live(now=16.0)], state.starts
+        (['r1'], [], {'m': 1})
+    """
+
     snapshots: dict[str, Snapshot] = field(default_factory=dict)
+    seen: dict[str, None] = field(default_factory=dict)  # every source heard of (insertion-ordered, bounded)
     starts: dict[str, int] = field(default_factory=dict)  # model -> replicas first heard of
-    desired: dict[str, float] = field(default_factory=dict)
-    signals: dict[tuple[str, str], float] = field(default_factory=dict)
+    desired: dict[str, tuple[float, float]] = field(default_factory=dict)  # model -> (value, at)
+    signals: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
     decisions: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (model, direction, driver)
     replicas: dict[tuple[str, str], float] = field(default_factory=dict)  # (model, state) -> count
 
     def push(self, snap: Snapshot, now: float) -> None:
-        if snap.source not in self.snapshots and snap.model is not None:
-            self.starts[snap.model] = self.starts.get(snap.model, 0) + 1
+        if snap.source not in self.seen:  # a source that went silent and came back is no new start
+            self.seen[snap.source] = None
+            if len(self.seen) > MAX_SEEN:
+                del self.seen[next(iter(self.seen))]
+            if snap.model is not None:
+                self.starts[snap.model] = self.starts.get(snap.model, 0) + 1
         self.snapshots[snap.source] = replace(snap, received_at=now, drift=None)
 
     def live(self, now: float) -> list[Snapshot]:
-        for source in [s for s, snap in self.snapshots.items() if now - snap.received_at > self.ttl_s]:
+        for source in [s for s, snap in self.snapshots.items() if now - snap.received_at > snap.ttl_s]:
             del self.snapshots[source]  # silent too long: the process is gone
         return list(self.snapshots.values())
 
     def autoscaling(self, model: str, desired: float, signals: dict[str, float], direction: str | None,
-                    driver: str) -> None:
-        self.desired[model] = desired
+                    driver: str, now: float) -> None:
+        self.desired[model] = (desired, now)
         for name, value in signals.items():
-            self.signals[(model, name)] = value
+            self.signals[(model, name)] = (value, now)
         if direction is not None:
             key = (model, direction, driver)
             self.decisions[key] = self.decisions.get(key, 0) + 1
+
+    def expire(self, now: float) -> None:
+        """Autoscaler gauges of deployments whose policy stopped reporting (deleted, or no longer scaled)."""
+        for table in (self.desired, self.signals):
+            for key in [k for k, (_, at) in table.items() if now - at > AUTOSCALER_TTL_S]:
+                del table[key]
 
     def own(self) -> list[Metric]:
         """The series only the hub knows."""
@@ -166,10 +190,10 @@ class HubState:
         for model, n in self.starts.items():
             starts.add_sample("modelfleet_replica_starts_total", {"model_name": model}, n)
         desired = family("modelfleet_autoscaler_desired_replicas", "gauge")
-        for model, n in self.desired.items():
+        for model, (n, _) in self.desired.items():
             desired.add_sample("modelfleet_autoscaler_desired_replicas", {"model_name": model}, n)
         signals = family("modelfleet_autoscaler_signal", "gauge")
-        for (model, name), v in self.signals.items():
+        for (model, name), (v, _) in self.signals.items():
             signals.add_sample("modelfleet_autoscaler_signal", {"model_name": model, "signal": name}, v)
         decisions = family("modelfleet_autoscaler_decisions", "counter")
         for (model, direction, driver), n in self.decisions.items():
@@ -185,9 +209,11 @@ class MetricsHub:
         >>> body, ctype = ray.get(hub().render.remote(""))  # doctest: +SKIP
     """
 
-    def __init__(self, ttl_s: float = 15.0) -> None:
-        self.state = HubState(ttl_s)
+    def __init__(self) -> None:
+        self.state = HubState()
         self.drift: Any = None  # deployments.drift.DriftTracker, made on the first counts
+        self._cache: dict[bool, tuple[float, tuple[bytes, str]]] = {}  # openmetrics? -> (at, rendered)
+        self._replicas_at = 0.0
 
     def push(self, snap: Snapshot) -> None:
         now = time.time()
@@ -205,12 +231,21 @@ class MetricsHub:
 
     def autoscaling(self, model: str, desired: float, signals: dict[str, float], direction: str | None,
                     driver: str) -> None:
-        self.state.autoscaling(model, desired, signals, direction, driver)
+        self.state.autoscaling(model, desired, signals, direction, driver, time.time())
 
     async def render(self, accept: str = "") -> tuple[bytes, str]:
-        await self._refresh_replicas()
-        extra = self.state.own() + self._drift_metrics()
-        return render(self.state.live(time.time()), extra, accept)
+        now = time.time()
+        kind = "application/openmetrics-text" in accept
+        cached = self._cache.get(kind)
+        if cached is not None and now - cached[0] < RENDER_CACHE_S:
+            return cached[1]
+        if now - self._replicas_at >= REPLICAS_EVERY_S:
+            self._replicas_at = now
+            await self._refresh_replicas()
+        self.state.expire(now)
+        out = render(self.state.live(now), self.state.own() + self._drift_metrics(), accept)
+        self._cache[kind] = (now, out)
+        return out
 
     def sources(self) -> list[str]:
         return sorted(s.source for s in self.state.live(time.time()))
@@ -243,13 +278,20 @@ class MetricsHub:
         self.state.replicas = counts
 
 
+RENDER_CACHE_S = 1.0
+REPLICAS_EVERY_S = 5.0
+_ACTOR: Any = None  # the remote class, made once per process
+
+
 def hub() -> Any:
     """The hub's actor handle, created on first use (detached: it outlives the app that made it)."""
     import ray
 
-    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(MetricsHub)
-    return actor.options(name=HUB_NAME, namespace=HUB_NAMESPACE, lifetime="detached",
-                         get_if_exists=True).remote()
+    global _ACTOR
+    if _ACTOR is None:
+        _ACTOR = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(MetricsHub)
+    return _ACTOR.options(name=HUB_NAME, namespace=HUB_NAMESPACE, lifetime="detached",
+                          get_if_exists=True).remote()
 
 
 class MetricsPusher:
@@ -263,6 +305,7 @@ class MetricsPusher:
                  drift_windows: tuple[int, float, int] = (500, 600.0, 100)) -> None:
         self.source, self.labels, self.model = source, tuple(sorted(labels.items())), model
         self.interval_s, self.drift, self.drift_windows = interval_s, drift, drift_windows
+        self.ttl_s = max(15.0, 3 * interval_s)  # a late push or two is not a death
         self._task: asyncio.Task | None = None
         self._hub: Any = None
 
@@ -271,7 +314,8 @@ class MetricsPusher:
 
     def snapshot(self) -> Snapshot:
         counts = self.drift.take() if self.drift is not None else None
-        return Snapshot(self.source, self.labels, snapshot_registry(), self.model, counts, self.drift_windows)
+        return Snapshot(self.source, self.labels, snapshot_registry(), self.model, counts, self.drift_windows,
+                        self.ttl_s)
 
     async def push_once(self) -> None:
         snap = await asyncio.to_thread(self.snapshot)  # collecting vLLM's registry takes milliseconds
@@ -299,11 +343,11 @@ class MetricsPusher:
             await asyncio.sleep(self.interval_s)
 
     async def stop(self) -> None:
-        """Leave: a last push would be stale at once, so the hub forgets this source instead."""
+        """Leave: one last push (the counts since the previous one), then the hub lets it expire after its
+        ttl, so a scrape in between still sees the final values."""
         if self._task is not None:
             self._task.cancel()
-        if self._hub is not None:
-            try:
-                await asyncio.wait_for(self._hub.forget.remote(self.source), timeout=2)
-            except Exception as err:  # the hub is gone too: it drops this source after its ttl anyway
-                logger.info("metrics: could not leave the hub (%s)", type(err).__name__)
+        try:
+            await asyncio.wait_for(self.push_once(), timeout=5)
+        except Exception as err:  # the hub is gone too (the app is being deleted)
+            logger.info("metrics: no final push (%s)", type(err).__name__)

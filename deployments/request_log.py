@@ -12,10 +12,13 @@ the key's id, never the key). Content follows the privacy mode:
 Files: ``<dir>/requests-<process>.jsonl``, one per process (several processes never share a file, so a
 rotation cannot tear another's line), rotated at ``max_bytes`` with ``backups`` old files kept: a bounded
 disk footprint whatever the traffic. ``dir`` defaults to ``modelfleet/`` in the Ray session's log folder.
+Lines are encoded, hashed and written by a thread of their own: a slow disk never stalls the event loop
+that serves streams (the queue is bounded; past it lines are dropped and counted, never waited for).
+``hashed`` is a pseudonym, not encryption: a prompt someone can guess can be confirmed by hashing it.
 
 Example:
     >>> log = RequestLog(RequestLogConfig(dir=tempfile.mkdtemp(), privacy="hashed"), "router-1")
-    >>> log.write({"request_id": "r1", "status": 200}, prompt="hi", completion="there")
+    >>> log.write({"request_id": "r1", "status": 200}, prompt="hi", completion="there"); log.close()
     >>> sorted(json.loads(open(log.path).read()))
     ['completion_sha256', 'prompt_sha256', 'request_id', 'status']
 """
@@ -27,7 +30,9 @@ import json
 import logging
 import logging.handlers
 import os
+import queue
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,7 +61,9 @@ def default_dir() -> str:
 
 
 class RequestLog:
-    """Writes one line per request to this process's rotating file."""
+    """Writes one line per request to this process's rotating file (from a writer thread)."""
+
+    MAX_QUEUED = 10_000
 
     def __init__(self, config: RequestLogConfig, process: str) -> None:
         self.config = config
@@ -68,24 +75,49 @@ class RequestLog:
                                                              backupCount=config.backups, encoding="utf-8",
                                                              delay=True)
         self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._queue: queue.Queue[tuple[dict[str, Any], Any, str | None] | None] = queue.Queue(
+            self.MAX_QUEUED)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._thread.start()
 
     @property
     def wants_content(self) -> bool:
         return self.config.privacy != "off"
 
-    def write(self, record: dict[str, Any], prompt: str | None = None, completion: str | None = None) -> None:
+    def write(self, record: dict[str, Any], prompt: Any = None, completion: str | None = None) -> None:
+        """Queue one line (never blocks: a full queue drops it and counts the drop)."""
+        if self.config.privacy == "off":
+            prompt = completion = None
+        try:
+            self._queue.put_nowait((record, prompt, completion))
+        except queue.Full:
+            self.dropped += 1
+
+    def _line(self, record: dict[str, Any], prompt: Any, completion: str | None) -> str:
         line = dict(record)
-        mode = self.config.privacy
-        for name, text in (("prompt", prompt), ("completion", completion)):
-            if text is None or mode == "off":
+        for name, content in (("prompt", prompt), ("completion", completion)):
+            if content is None:
                 continue
-            if mode == "hashed":
+            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False,
+                                                                        separators=(",", ":"))
+            if self.config.privacy == "hashed":
                 line[f"{name}_sha256"] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
             else:
                 line[name] = text
-        entry = logging.LogRecord("modelfleet.requests", logging.INFO, __file__, 0,
-                                  json.dumps(line, ensure_ascii=False, separators=(",", ":")), None, None)
-        self._handler.handle(entry)  # the handler's lock makes each line whole; rotation happens here
+        return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                entry = logging.LogRecord("modelfleet.requests", logging.INFO, __file__, 0, self._line(*item), None,
+                                          None)
+                self._handler.handle(entry)  # rotation happens here, in this thread
+            except Exception:  # a full disk: this line is lost, the next may go through
+                self.dropped += 1
 
     def close(self) -> None:
+        """Write what is queued, then close the file."""
+        self._queue.put(None)
+        self._thread.join(timeout=10)
         self._handler.close()

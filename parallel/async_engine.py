@@ -100,7 +100,6 @@ class AsyncEngine:
         self.metrics = None if mc.disable_log_stats else EngineMetrics(
             mc.served_model_name or mc.path, max_model_len=self.max_model_len, stats=self._loop.stats,
             speculative=config.speculative.num_speculative_tokens > 0)
-        self._prompt_computed = 0  # the engine's cumulative count at the previous step
 
     @classmethod
     def from_options(cls, path: str, proposer: Any = None, engine_process: bool = False,
@@ -135,10 +134,17 @@ class AsyncEngine:
                 raise EngineDeadError(self._loop.not_ready_reason)
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            if self.metrics is not None:  # under the lock: on_dead cannot run between this and registering
+                self.metrics.on_arrival(request_id, time.monotonic())
             self._streams[request_id] = stream
-        if self.metrics is not None:
-            self.metrics.on_arrival(request_id, time.monotonic())
-        self._loop.add(AddRequest(request_id, ids, params))
+        try:
+            self._loop.add(AddRequest(request_id, ids, params))
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if self.metrics is not None:
+                self.metrics.forget(request_id, None)
+            raise
         finished = False
         try:
             while True:
@@ -163,7 +169,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             self._held.pop(request_id, None)
         if self.metrics is not None:
-            self.metrics.forget(request_id, "abort")
+            self.metrics.forget(request_id, None)  # as vLLM: a caller's abort is no finished request
         self._loop.abort(request_id)
 
     def stats(self) -> EngineStats:
@@ -188,9 +194,7 @@ class AsyncEngine:
     # ---- the Sink (called from the loop's thread) -------------------------------------------------------
     def on_outputs(self, deltas: list[OutputDelta]) -> None:
         if self.metrics is not None:  # per step, before stream_interval holds or a lagging caller merges
-            computed = self._loop.stats().prompt_computed_tokens
-            step, self._prompt_computed = computed - self._prompt_computed, computed
-            self.metrics.on_step(deltas, time.monotonic(), step if step >= 0 else computed)  # < 0: restarted
+            self.metrics.on_step(deltas, time.monotonic())
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, OutputDelta]]] = {}
         with self._lock:
             for delta in deltas:
@@ -225,7 +229,7 @@ class AsyncEngine:
             self._held.clear()
         if self.metrics is not None:
             for request_id in lost:
-                self.metrics.forget(request_id, "error")
+                self.metrics.forget(request_id, None)  # lost with the engine process: vLLM counts none either
         if streams:
             logger.error("failing %d requests in flight: %s", len(streams), error.message)
         for stream in streams:

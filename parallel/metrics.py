@@ -12,12 +12,14 @@ Where each number comes from (vLLM's definitions, ``vllm/v1/metrics/stats.py``):
   speculative drafts/accepted) are read from the engine's latest ``EngineStats`` at collection time: no
   per-step cost at all;
 - per step (``on_step``, on the engine loop's thread, before any delta merging): generation tokens, the
-  prompt tokens of requests that got their first token (vLLM counts the whole prompt then), the tokens the
-  step computed (``iteration_tokens_total``), TTFT (arrival -> first token) and inter-token latency (one
+  prompt tokens of requests that got their first token (vLLM counts the whole prompt then),
+  ``iteration_tokens_total`` (as vLLM: the uncached prompt tokens of requests whose prefill ended in the
+  step, plus the tokens it generated), TTFT (arrival -> first token) and inter-token latency (one
   observation per request per step: time since that request's previous tokens);
-- per finished request: e2e (arrival -> last token), queue (arrival -> first scheduled), prefill (first
-  scheduled -> first token), decode (first -> last token), prompt and generation token counts, and
-  ``request_success{finished_reason}``.
+- per finished request: e2e (arrival -> last token), queue (arrival -> first scheduled; vLLM starts at its
+  engine core's queue, microseconds later), prefill (first scheduled -> first token), decode (first -> last
+  token), prompt and generation token counts, and ``request_success{finished_reason}`` (as vLLM: requests
+  the engine finished, an engine-reported failure as ``error``; a caller's abort is not counted).
 
 Times are ``time.monotonic()``: the engine process's and this process's are the same clock on Linux
 (CLOCK_MONOTONIC is system-wide), so ``scheduled_at`` from the child compares with arrival here.
@@ -30,7 +32,7 @@ Example:
     >>> m = EngineMetrics("tiny", max_model_len=64)
     >>> m.on_arrival("r1", now=0.0)
     >>> m.on_step([OutputDelta("r1", (5,), "a", False, num_prompt_tokens=3, num_output_tokens=1,
-    ...                        scheduled_at=0.1)], now=0.5, prompt_computed=3)
+    ...                        scheduled_at=0.1)], now=0.5)
     >>> m.histograms["vllm:time_to_first_token_seconds"].count
     1
 """
@@ -131,7 +133,9 @@ class Histogram:
 
 
 def _le(bound: float) -> str:
-    return repr(float(bound))  # prometheus_client's floatToGoString spells 1 as "1.0" too
+    from prometheus_client.utils import floatToGoString
+
+    return floatToGoString(bound)  # as prometheus_client spells vLLM's: "1.0", "1e+06"
 
 
 @dataclass
@@ -171,12 +175,11 @@ class EngineMetrics:
         with self._lock:
             self._timing[request_id] = _Timing(now)
 
-    def on_step(self, deltas: Iterable[OutputDelta], now: float, prompt_computed: int = 0) -> None:
-        """One engine step: ``prompt_computed`` is the prompt tokens it ran (prefill chunks), so the step's
-        tokens are that plus the tokens it generated (vLLM's ``iteration_tokens_total``)."""
+    def on_step(self, deltas: Iterable[OutputDelta], now: float) -> None:
+        """One engine step's deltas (all of them, unmerged), at ``now``."""
         h = self.histograms
         ttft, itl = h["vllm:time_to_first_token_seconds"], h["vllm:inter_token_latency_seconds"]
-        generated = 0
+        generated = prefilled = 0
         with self._lock:
             for d in deltas:
                 t = self._timing.get(d.request_id)
@@ -190,6 +193,7 @@ class EngineMetrics:
                     if t.first_token is None:
                         t.first_token = now
                         self.prompt_tokens += d.num_prompt_tokens
+                        prefilled += d.num_prompt_tokens - d.num_cached_tokens
                         ttft.observe(now - t.arrival)
                     else:
                         itl.observe(now - (t.last_token or now))
@@ -198,8 +202,8 @@ class EngineMetrics:
                     del self._timing[d.request_id]
                     self._finish(d, t, now)
             self.generation_tokens += generated
-            if prompt_computed or generated:
-                h["vllm:iteration_tokens_total"].observe(prompt_computed + generated)
+            if prefilled or generated:
+                h["vllm:iteration_tokens_total"].observe(prefilled + generated)
 
     def forget(self, request_id: str, reason: str | None = "abort") -> None:
         """A request that ended without a final delta here (aborted by its caller, or lost with a dead
@@ -244,16 +248,15 @@ class EngineMetrics:
                 for pos, value in enumerate(s.spec_accepted_per_pos):
                     name = "vllm:spec_decode_num_accepted_tokens_per_pos"
                     yield name, name + "_total", (("position", str(pos)),), float(value)
-        with self._lock:
-            yield "vllm:prompt_tokens", "vllm:prompt_tokens_total", (), float(self.prompt_tokens)
-            yield "vllm:generation_tokens", "vllm:generation_tokens_total", (), float(self.generation_tokens)
-            for reason, n in self.success.items():
-                yield "vllm:request_success", "vllm:request_success_total", (("finished_reason", reason),), float(n)
+        with self._lock:  # a consistent copy; yielded after the lock is released (the step thread waits on it)
+            rows = [("vllm:prompt_tokens", "vllm:prompt_tokens_total", (), float(self.prompt_tokens)),
+                    ("vllm:generation_tokens", "vllm:generation_tokens_total", (), float(self.generation_tokens))]
+            rows += [("vllm:request_success", "vllm:request_success_total", (("finished_reason", reason),),
+                      float(n)) for reason, n in self.success.items()]
             for name, hist in self.histograms.items():
-                for le, n in hist.buckets():
-                    yield name, name + "_bucket", (("le", le),), n
-                yield name, name + "_count", (), float(hist.count)
-                yield name, name + "_sum", (), hist.sum
+                rows += [(name, name + "_bucket", (("le", le),), n) for le, n in hist.buckets()]
+                rows += [(name, name + "_count", (), float(hist.count)), (name, name + "_sum", (), hist.sum)]
+        yield from rows
 
 
 class _Collector:

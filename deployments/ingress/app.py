@@ -121,10 +121,12 @@ class Router:
         except ServeError as err:
             outcome.fail(err.info)
             response = error_response(err.info)
-        except ClientDisconnect:  # the client left while sending its body: nobody to answer (logged as 499)
+        except (ClientDisconnect, asyncio.CancelledError) as err:  # the client left (Serve cancels the call)
             outcome.fail(ErrorInfo(499, "client disconnected", code="client_disconnected"))
             self.observer.end(outcome)
-            return Response(status_code=499)
+            if isinstance(err, asyncio.CancelledError):
+                raise
+            return Response(status_code=499)  # left while sending its body: nobody to answer
         except Exception:  # a bug: still OpenAI's body, logged with the request id
             logger.exception("request %s %s %s failed", rid, method, path)
             info = ErrorInfo(500, f"internal error (request {rid})", code="internal_error")

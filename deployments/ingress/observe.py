@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +30,7 @@ from deployments.metrics import IN_FLIGHT, REJECTIONS, REQUESTS
 from deployments.request_log import RequestLog
 
 logger = logging.getLogger("ray.serve")
+UNOBSERVED = frozenset({"/health", "/metrics"})
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Outcome:
     finish_reason: str | None = None
     first_at: float | None = None
     queue_s: float | None = None
-    prompt: str | None = None  # content, kept only when the privacy mode wants it
+    prompt: Any = None  # content as sent, kept only when the privacy mode wants it
     completion: list[str] | None = None
     ended: bool = False
     span: Any = None  # tracing.SpanHandle of the request (a no-op when tracing is off)
@@ -92,14 +92,12 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 6)
 
 
-def prompt_text(body: dict[str, Any] | None) -> str | None:
-    """The prompt content as one string (for the request log's hashed/full modes)."""
+def prompt_content(body: dict[str, Any] | None) -> Any:
+    """The prompt as sent (a string, token ids, or the chat messages): encoded off the event loop, by the
+    request log's writer thread, and only in its hashed/full modes."""
     if not body:
         return None
-    if "messages" in body:
-        return json.dumps(body["messages"], ensure_ascii=False, separators=(",", ":"))
-    prompt = body.get("prompt")
-    return prompt if isinstance(prompt, str) else json.dumps(prompt, separators=(",", ":"))
+    return body["messages"] if "messages" in body else body.get("prompt")
 
 
 class RequestObserver:
@@ -121,7 +119,7 @@ class RequestObserver:
 
     def with_body(self, out: Outcome, body: dict[str, Any] | None) -> None:
         if self.log is not None and self.log.wants_content:
-            out.prompt = prompt_text(body)
+            out.prompt = prompt_content(body)
 
     def stream_started(self, out: Outcome) -> None:
         out.streaming = True
@@ -135,6 +133,10 @@ class RequestObserver:
         if out.ended:
             return
         out.ended = True
+        if out.route in UNOBSERVED:  # probes and scrapes: not traffic (they would skew the error ratio)
+            if out.span is not None:
+                out.span.__exit__(None, None, None)
+            return
         if status is not None and out.code is None:
             out.status = status
         try:

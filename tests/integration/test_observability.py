@@ -208,15 +208,17 @@ def test_a_killed_replica_leaves_metrics_and_its_replacement_is_counted_once(rou
     from tests.integration.test_faults import victim_pids
 
     starts = value(scrape(router_url), "modelfleet_replica_starts_total", model_name="victim")
+    before = _live_replicas("victim")
     doomed = next(iter(victim_pids()))
     os.kill(doomed, signal.SIGKILL)  # a process of the cluster this test session started
     deadline = time.monotonic() + 180
     live: set[str] = set()
-    while time.monotonic() < deadline:  # Serve replaces it
+    while time.monotonic() < deadline:  # Serve replaces it: two running again, one of them new
         live = _live_replicas("victim")
-        if len(live) == 2 and doomed not in victim_pids():
+        if len(live) == 2 and live != before:
             break
         time.sleep(1)
+    assert len(live) == 2 and len(live & before) == 1, (before, live)
     families: dict = {}
     deadline = time.monotonic() + 40  # the hub drops a silent source after 15 s
     while time.monotonic() < deadline:

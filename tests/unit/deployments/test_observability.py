@@ -64,26 +64,37 @@ def test_a_family_with_a_conflicting_type_is_left_out_for_that_source():
 
 
 def test_a_silent_replica_is_dropped_and_its_replacement_counted_once():
-    state = HubState(ttl_s=15.0)
+    state = HubState()
     fam = (Family("vllm:g", "gauge", "g", (("vllm:g", (), 1.0),)),)
-    state.push(Snapshot("old", (("replica", "old"),), fam, "m"), now=0.0)
-    state.push(Snapshot("old", (("replica", "old"),), fam, "m"), now=10.0)  # the same replica again
-    state.push(Snapshot("new", (("replica", "new"),), fam, "m"), now=20.0)
+    state.push(Snapshot("old", (("replica", "old"),), fam, "m", ttl_s=15.0), now=0.0)
+    state.push(Snapshot("old", (("replica", "old"),), fam, "m", ttl_s=15.0), now=10.0)  # the same replica again
+    state.push(Snapshot("new", (("replica", "new"),), fam, "m", ttl_s=15.0), now=20.0)
     assert state.starts == {"m": 2}
     assert [s.source for s in state.live(now=26.0)] == ["new"]  # old: silent for 16 s > ttl
     assert [s.source for s in state.live(now=36.0)] == []
+    state.push(Snapshot("new", (("replica", "new"),), fam, "m", ttl_s=15.0), now=40.0)  # back after a silence
+    assert state.starts == {"m": 2}  # not a new start
+
+
+def test_a_slow_pusher_gets_a_longer_ttl():
+    from deployments.metrics_hub import MetricsPusher
+
+    assert MetricsPusher("s", {}, interval_s=2.0).ttl_s == 15.0
+    assert MetricsPusher("s", {}, interval_s=30.0).ttl_s == 90.0  # never expires between its own pushes
 
 
 def test_autoscaling_decisions_become_the_hubs_own_series():
     state = HubState()
-    state.autoscaling("m", 3, {"queue_depth": 6.5, "kv_usage": 0.2}, "up", "queue_depth")
-    state.autoscaling("m", 3, {"queue_depth": 1.0}, None, "queue_depth")
+    state.autoscaling("m", 3, {"queue_depth": 6.5, "kv_usage": 0.2}, "up", "queue_depth", now=0.0)
+    state.autoscaling("m", 3, {"queue_depth": 1.0}, None, "queue_depth", now=1.0)
     fams = _parse(render([], state.own())[0])
     assert [s.value for s in fams["modelfleet_autoscaler_desired_replicas"]] == [3.0]
     assert {s.labels["signal"]: s.value for s in fams["modelfleet_autoscaler_signal"]} == {"queue_depth": 1.0,
                                                                                           "kv_usage": 0.2}
     decisions = fams["modelfleet_autoscaler_decisions"]
     assert [(s.labels["direction"], s.labels["driver"], s.value) for s in decisions] == [("up", "queue_depth", 1.0)]
+    state.expire(now=100.0)  # the policy stopped reporting (the deployment is gone): its gauges go
+    assert not state.desired and not state.signals and state.decisions
 
 
 def test_the_autoscaling_policy_names_the_same_hub():

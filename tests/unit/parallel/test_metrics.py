@@ -49,19 +49,19 @@ def test_names_and_help_are_vllms():
 
 
 def test_histogram_uses_le_semantics():
-    h = Histogram((1.0, 2.0))
+    h = Histogram((1.0, 2.0, 1e6))
     for v in (0.5, 1.0, 1.5, 3.0):
         h.observe(v)
-    assert h.buckets() == [("1.0", 2.0), ("2.0", 3.0), ("+Inf", 4.0)]
+    assert h.buckets() == [("1.0", 2.0), ("2.0", 3.0), ("1e+06", 4.0), ("+Inf", 4.0)]  # spelled as vLLM's are
     assert h.count == 4 and h.sum == 6.0
 
 
 def test_per_request_times_follow_vllms_definitions():
     m = EngineMetrics("defs", max_model_len=64)
     m.on_arrival("r", now=10.0)
-    m.on_step([OutputDelta("r", (), "", False)], now=10.2, prompt_computed=4)  # a prefill chunk: no token yet
-    m.on_step([OutputDelta("r", (5,), "a", False, num_prompt_tokens=8, num_output_tokens=1, scheduled_at=10.1)],
-              now=10.5, prompt_computed=4)
+    m.on_step([OutputDelta("r", (), "", False)], now=10.2)  # a prefill chunk: no token yet
+    m.on_step([OutputDelta("r", (5,), "a", False, num_prompt_tokens=8, num_output_tokens=1, num_cached_tokens=2,
+                           scheduled_at=10.1)], now=10.5)
     m.on_step([OutputDelta("r", (6, 7), "bc", True, "length", num_prompt_tokens=8, num_output_tokens=3)], now=11.0)
     h = m.histograms
     assert h["vllm:time_to_first_token_seconds"].sum == pytest.approx(0.5)  # arrival -> first token
@@ -72,24 +72,27 @@ def test_per_request_times_follow_vllms_definitions():
     assert h["vllm:request_decode_time_seconds"].sum == pytest.approx(0.5)  # first -> last token
     assert h["vllm:request_inference_time_seconds"].sum == pytest.approx(0.9)
     assert h["vllm:request_prompt_tokens"].sum == 8 and h["vllm:request_generation_tokens"].sum == 3
-    # a step's tokens: the prompt tokens it ran plus those it generated (4, 4 + 1, 2)
-    assert h["vllm:iteration_tokens_total"].count == 3 and h["vllm:iteration_tokens_total"].sum == 11
+    # vLLM's step tokens: uncached prompt tokens of a prefill that ended, plus generated ones (8 - 2 + 1, 2)
+    assert h["vllm:iteration_tokens_total"].count == 2 and h["vllm:iteration_tokens_total"].sum == 9
     assert (m.prompt_tokens, m.generation_tokens) == (8, 3)
     assert m.success["length"] == 1
 
 
 def test_aborts_and_errors_count_as_vllm_counts_them():
+    """vLLM counts what its engine finished (a failure it reports as ``error``), not a caller's abort."""
     from parallel.errors import RequestFailedError
 
     m = EngineMetrics("ends")
-    for rid in ("a", "b", "c"):
+    for rid in ("a", "b", "c", "d"):
         m.on_arrival(rid, now=0.0)
-    m.forget("a", "abort")
-    m.forget("a", "abort")  # idempotent
-    m.forget("b", None)  # refused at admission: not a request of the engine's
-    m.on_step([OutputDelta("c", (), "", True, "abort", error=RequestFailedError("x"))], now=1.0)
+    m.forget("a", None)  # the caller left (AsyncEngine.abort)
+    m.forget("a", None)
+    m.forget("b", None)  # refused at admission
+    m.on_step([OutputDelta("c", (), "", True, "abort", error=RequestFailedError("x")),
+               OutputDelta("d", (4,), "x", True, "abort", num_output_tokens=1)], now=1.0)
+    m.forget("d", "abort")  # after its final delta: a no-op
     assert m.success == {"stop": 0, "length": 0, "abort": 1, "error": 1, "repetition": 0}
-    assert m.histograms["vllm:e2e_request_latency_seconds"].count == 0  # no latency without output
+    assert m.histograms["vllm:e2e_request_latency_seconds"].count == 1  # only the one with output
 
 
 def _scrape(model: str) -> dict[str, list]:
