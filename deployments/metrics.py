@@ -65,7 +65,12 @@ MODELFLEET_METRIC_NAMES: frozenset[str] = frozenset(
 
 
 class GpuCollector:
-    """NVML readings of this replica at collection time; yields nothing without a reading (absent, not 0)."""
+    """NVML readings of this replica at collection time; yields nothing without a reading (absent, not 0).
+
+    Example:
+        >>> list(GpuCollector("m", lambda: None).collect())
+        []
+    """
 
     def __init__(self, model_name: str, read: Callable[[], object | None]) -> None:
         self.model_name, self.read = model_name, read

@@ -48,7 +48,12 @@ Sample = tuple[str, Labels, float]
 
 @dataclass(frozen=True)
 class Family:
-    """One metric family as it crosses to the hub (plain tuples: small to pickle)."""
+    """One metric family as it crosses to the hub (plain tuples: small to pickle).
+
+    Example:
+        >>> Family("vllm:x", "gauge", "help", (("vllm:x", (("model_name", "m"),), 1.0),)).samples[0][2]
+        1.0
+    """
 
     name: str
     kind: str  # counter, gauge, histogram, ...
@@ -58,7 +63,12 @@ class Family:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A process's families at one moment, with the labels the hub adds to each of its samples."""
+    """A process's families at one moment, with the labels the hub adds to each of its samples.
+
+    Example:
+        >>> Snapshot("r1", (("replica", "r1"),), (), model="m").ttl_s
+        15.0
+    """
 
     source: str
     labels: Labels
@@ -298,6 +308,10 @@ class MetricsPusher:
     """Sends this process's registry to the hub every ``interval_s`` (an asyncio task on the running loop).
 
     ``drift`` (a ``deployments.drift.DriftRecorder``) rides along: its counts since the previous push.
+
+    Example:
+        >>> MetricsPusher("replica-1", {"replica": "replica-1"}, "m").snapshot().labels
+        (('replica', 'replica-1'),)
     """
 
     def __init__(self, source: str, labels: dict[str, str], model: str | None = None,

@@ -41,7 +41,12 @@ Privacy = Literal["off", "hashed", "full"]
 
 @dataclass(frozen=True)
 class RequestLogConfig:
-    """Config: ``observability.request_log``."""
+    """Config: ``observability.request_log``.
+
+    Example:
+        >>> RequestLogConfig(privacy="hashed").max_bytes
+        67108864
+    """
 
     enabled: bool = True
     dir: str | None = None  # None: <Ray session log dir>/modelfleet

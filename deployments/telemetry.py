@@ -23,7 +23,12 @@ logger = logging.getLogger("ray.serve")
 
 @dataclass(frozen=True)
 class Observability:
-    """Config: ``observability`` (cluster/config.py ObservabilitySpec)."""
+    """Config: ``observability`` (cluster/config.py ObservabilitySpec).
+
+    Example:
+        >>> Observability(push_interval_s=0.5).request_log.privacy
+        'off'
+    """
 
     metrics: bool = True  # push this process's registry to the hub (what /metrics shows)
     push_interval_s: float = 2.0
@@ -45,7 +50,13 @@ def process_id() -> str:
 
 
 class Telemetry:
-    """What one process records and exports."""
+    """What one process records and exports.
+
+    Example:
+        >>> t = Telemetry(Observability(metrics=False, request_log=RequestLogConfig(enabled=False)), "router", None)
+        >>> t.pusher is None and t.observer.log is None
+        True
+    """
 
     def __init__(self, config: Observability, ingress: str, model: str | None) -> None:
         self.config = config

@@ -27,18 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import functools
 import logging
 import random
 import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
 from types import TracebackType
-from typing import Final, Literal, NamedTuple
-from urllib.parse import urlsplit
+from typing import Final, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -49,74 +45,38 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from deployments.tracing_attributes import (  # noqa: F401  (re-exported: callers name them tracing.X)
+    CANCELLED,
+    ERROR_TYPE,
+    GEN_AI_OPERATION_NAME,
+    GEN_AI_REQUEST_MAX_TOKENS,
+    GEN_AI_REQUEST_MODEL,
+    GEN_AI_REQUEST_STREAM,
+    GEN_AI_REQUEST_TEMPERATURE,
+    GEN_AI_REQUEST_TOP_P,
+    GEN_AI_RESPONSE_FINISH_REASONS,
+    GEN_AI_RESPONSE_ID,
+    GEN_AI_RESPONSE_MODEL,
+    GEN_AI_USAGE_INPUT_TOKENS,
+    GEN_AI_USAGE_OUTPUT_TOKENS,
+    HTTP_REQUEST_METHOD,
+    HTTP_RESPONSE_STATUS_CODE,
+    HTTP_ROUTE,
+    MAX_ATTRIBUTES,
+    MAX_NAME,
+    MAX_STRING,
+    MAX_TRACEPARENT,
+    REQUEST_ID,
+    allowed_key,
+    clean,
+    clean_string,
+    clean_value,
+)
+from deployments.tracing_config import Protocol, TracingConfig, otlp_exporter, redacted  # noqa: F401
+
 _log = logging.getLogger(__name__)
 
-# Semantic-convention names (HTTP stable, GenAI incubating); the test checks them against the semconv package.
-HTTP_REQUEST_METHOD: Final = "http.request.method"
-HTTP_ROUTE: Final = "http.route"
-HTTP_RESPONSE_STATUS_CODE: Final = "http.response.status_code"
-ERROR_TYPE: Final = "error.type"
-GEN_AI_OPERATION_NAME: Final = "gen_ai.operation.name"
-GEN_AI_REQUEST_MODEL: Final = "gen_ai.request.model"
-GEN_AI_REQUEST_MAX_TOKENS: Final = "gen_ai.request.max_tokens"
-GEN_AI_REQUEST_TEMPERATURE: Final = "gen_ai.request.temperature"
-GEN_AI_REQUEST_TOP_P: Final = "gen_ai.request.top_p"
-GEN_AI_REQUEST_STREAM: Final = "gen_ai.request.stream"
-GEN_AI_RESPONSE_ID: Final = "gen_ai.response.id"
-GEN_AI_RESPONSE_MODEL: Final = "gen_ai.response.model"
-GEN_AI_RESPONSE_FINISH_REASONS: Final = "gen_ai.response.finish_reasons"
-GEN_AI_USAGE_INPUT_TOKENS: Final = "gen_ai.usage.input_tokens"
-GEN_AI_USAGE_OUTPUT_TOKENS: Final = "gen_ai.usage.output_tokens"
-REQUEST_ID: Final = "modelfleet.request.id"  # no convention exists for a server-side request id
-CANCELLED: Final = "modelfleet.cancelled"
-
-MAX_STRING: Final = 256  # attribute strings are cut here
-_MAX_NAME = 128
-_MAX_ITEMS = 32  # items kept from a sequence attribute
-_MAX_ATTRIBUTES = 64
-_MAX_TRACEPARENT = 512  # W3C sets no cap for future versions; a longer header is hostile, not a trace
-_INT64 = 2**63
-_CONTENT_SEGMENTS: Final = frozenset(
-    {"prompt", "completion", "messages", "content", "text", "system_instructions", "arguments", "result",
-     "documents"})
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-
-Protocol = Literal["grpc", "http/protobuf"]
-
-
-@dataclass(frozen=True, slots=True)
-class TracingConfig:
-    """Where spans go. ``otlp_endpoint`` None (or blank) means tracing is off, the default.
-
-    ``otlp_endpoint``: for ``http/protobuf`` a URL; a bare ``http://host:4318`` gets ``/v1/traces`` appended.
-    For ``grpc`` ``http://host:4317`` (plaintext) or ``https://host:4317``. ``headers`` go to the collector
-    (auth); they are left out of ``repr`` and never logged. Plain values only, so it pickles across Ray.
-
-    Example:
-        >>> config = TracingConfig("http://collector:4318", headers={"authorization": "Bearer s3cret"})
-        >>> "s3cret" in repr(config), config.protocol
-        (False, 'http/protobuf')
-    """
-
-    otlp_endpoint: str | None = None
-    protocol: Protocol = "http/protobuf"  # the OTLP spec's default
-    service_name: str = "modelfleet"
-    sample_ratio: float = 1.0
-    headers: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
-
-    def __post_init__(self) -> None:
-        endpoint = (self.otlp_endpoint or "").strip() or None
-        object.__setattr__(self, "otlp_endpoint", endpoint)
-        object.__setattr__(self, "headers", {str(k): str(v) for k, v in dict(self.headers).items()})
-        if self.protocol not in ("grpc", "http/protobuf"):
-            raise ValueError(f"protocol must be 'grpc' or 'http/protobuf', not {self.protocol!r}")
-        if not 0.0 <= self.sample_ratio <= 1.0:
-            raise ValueError(f"sample_ratio must be in [0, 1], not {self.sample_ratio}")
-        if not self.service_name:
-            raise ValueError("service_name must not be empty")
-        if endpoint and self.protocol == "http/protobuf" and urlsplit(endpoint).scheme not in ("http", "https"):
-            raise ValueError(f"an http/protobuf endpoint is an http(s):// URL, not {_redacted(endpoint)!r}")
-
 
 class Phase(NamedTuple):
     """One finished stretch of a request in the engine. A float time is ``time.monotonic()`` seconds (what
@@ -210,8 +170,8 @@ class _LiveSpan(SpanHandle):
     def __init__(self, tracer: trace.Tracer, name: str, context: Context | None, kind: SpanKind,
                  attributes: Mapping[str, object] | None, activate: bool) -> None:
         # record_exception off: an exception's message and traceback may quote the prompt.
-        self._span = tracer.start_span(_clean_string(str(name), _MAX_NAME), context=context, kind=kind,
-                                       attributes=_clean(attributes) if attributes else None,
+        self._span = tracer.start_span(clean_string(str(name), MAX_NAME), context=context, kind=kind,
+                                       attributes=clean(attributes) if attributes else None,
                                        record_exception=False, set_status_on_exception=False)
         self.recording = self._span.is_recording()
         self._activate, self._token, self._status_set = activate, None, False
@@ -221,12 +181,12 @@ class _LiveSpan(SpanHandle):
         return _format(self._span.get_span_context())
 
     def set_attribute(self, key: str, value: object) -> None:
-        if self.recording and _allowed_key(key) and (cleaned := _clean_value(value)) is not None:
+        if self.recording and allowed_key(key) and (cleaned := clean_value(value)) is not None:
             self._span.set_attribute(key, cleaned)  # type: ignore[arg-type]
 
     def set_attributes(self, attributes: Mapping[str, object]) -> None:
         if self.recording:
-            self._span.set_attributes(_clean(attributes))  # type: ignore[arg-type]
+            self._span.set_attributes(clean(attributes))  # type: ignore[arg-type]
 
     def set_status(self, status_code: int) -> None:
         if self.recording:
@@ -240,7 +200,7 @@ class _LiveSpan(SpanHandle):
     def set_error(self, error_type: str) -> None:
         if self.recording:
             self._status_set = True
-            error_type = _clean_string(str(error_type), _MAX_NAME)
+            error_type = clean_string(str(error_type), MAX_NAME)
             self._span.set_attribute(ERROR_TYPE, error_type)
             self._span.set_status(Status(StatusCode.ERROR, error_type))
 
@@ -335,8 +295,8 @@ class Tracing:
             start_ns, end_ns = _epoch_ns(start), _epoch_ns(end)
             if start_ns is None or end_ns is None or end_ns < start_ns:
                 continue
-            span = tracer.start_span(_clean_string(str(name), _MAX_NAME), context=context, start_time=start_ns,
-                                     attributes=_clean(attributes) if attributes else None)  # type: ignore[arg-type]
+            span = tracer.start_span(clean_string(str(name), MAX_NAME), context=context, start_time=start_ns,
+                                     attributes=clean(attributes) if attributes else None)  # type: ignore[arg-type]
             span.end(end_time=end_ns)
 
     def current_traceparent(self) -> str | None:
@@ -379,14 +339,14 @@ def setup(config: TracingConfig | None = None, exporter: SpanExporter | None = N
         provider = TracerProvider(
             sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
             resource=Resource.create({SERVICE_NAME: config.service_name}),
-            span_limits=SpanLimits(max_span_attributes=_MAX_ATTRIBUTES, max_span_attribute_length=MAX_STRING))
+            span_limits=SpanLimits(max_span_attributes=MAX_ATTRIBUTES, max_span_attribute_length=MAX_STRING))
         if exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(exporter))
         else:
-            exporter = _otlp_exporter(config)
+            exporter = otlp_exporter(config)
             provider.add_span_processor(BatchSpanProcessor(exporter))
             _log.info("tracing: spans go over OTLP %s to %s (sample ratio %g)", config.protocol,
-                      _redacted(config.otlp_endpoint or ""), config.sample_ratio)
+                      redacted(config.otlp_endpoint or ""), config.sample_ratio)
         _TRACING._install(config, provider, exporter)
         return _TRACING
 
@@ -412,22 +372,8 @@ current_traceparent = _TRACING.current_traceparent
 flush = _TRACING.flush
 
 
-def _otlp_exporter(config: TracingConfig) -> SpanExporter:
-    endpoint = config.otlp_endpoint or ""
-    headers = {k.lower(): v for k, v in config.headers.items()}  # gRPC metadata keys must be lowercase
-    if config.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-        return GrpcExporter(endpoint=endpoint, headers=headers or None)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-    if urlsplit(endpoint).path in ("", "/"):  # a collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is given
-        endpoint = endpoint.rstrip("/") + "/v1/traces"
-    return HttpExporter(endpoint=endpoint, headers=headers or None)
-
-
 def _parse(traceparent: object) -> tuple[int, int, int] | None:
-    if not isinstance(traceparent, str) or len(traceparent) > _MAX_TRACEPARENT:
+    if not isinstance(traceparent, str) or len(traceparent) > MAX_TRACEPARENT:
         return None
     value = traceparent.strip(" \t")
     match = _TRACEPARENT.fullmatch(value[:55])
@@ -460,56 +406,3 @@ def _epoch_ns(t: object) -> int | None:
     return None
 
 
-@functools.lru_cache(maxsize=512)
-def _allowed_key(key: object) -> bool:
-    return (isinstance(key, str) and 0 < len(key) <= _MAX_NAME
-            and not any(part in _CONTENT_SEGMENTS for part in key.split(".")))
-
-
-def _clean_string(value: str, limit: int = MAX_STRING) -> str:
-    value = value[:limit]
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (valid JSON) would fail the whole OTLP batch's encoding
-        value = value.encode("utf-8", "replace").decode("utf-8")
-    return value
-
-
-def _clean_scalar(value: object) -> str | bool | int | float | None:
-    if isinstance(value, Enum):
-        value = value.value
-    if isinstance(value, bool | float):
-        return value
-    if isinstance(value, int):
-        return value if -_INT64 <= value < _INT64 else str(value)[:MAX_STRING]  # OTLP ints are int64
-    if isinstance(value, str):
-        return _clean_string(value)
-    return None  # an object's repr may hold anything, text included
-
-
-def _clean_value(value: object) -> object:
-    if isinstance(value, list | tuple):
-        items = [_clean_scalar(v) for v in value[:_MAX_ITEMS]]
-        if None in items or len({type(v) for v in items}) > 1:
-            return None  # OpenTelemetry takes only flat, homogeneous sequences
-        return tuple(items)
-    return _clean_scalar(value)
-
-
-def _clean(attributes: Mapping[str, object] | None) -> dict[str, object]:
-    if not attributes:
-        return {}
-    cleaned = {}
-    for key, value in list(attributes.items())[:_MAX_ATTRIBUTES]:
-        if _allowed_key(key):
-            value = _clean_value(value)
-            if value is not None:
-                cleaned[key] = value
-    return cleaned
-
-
-def _redacted(endpoint: str) -> str:
-    # Only scheme, host, port and path are logged: a URL's userinfo or query may hold a credential.
-    parts = urlsplit(endpoint if "//" in endpoint else "//" + endpoint)
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme + '://' if parts.scheme else ''}{host}{parts.path}"
