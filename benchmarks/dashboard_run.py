@@ -30,6 +30,7 @@ from benchmarks import dashboard_png  # noqa: E402
 from tests.prometheus_server import PrometheusServer, ensure_prometheus  # noqa: E402
 
 MODEL = "tiny-code-llama"
+VOCAB = 4096  # the shipped model's vocab_size
 PHASES = ((2, 30.0), (8, 30.0), (16, 30.0), (4, 30.0))  # (in flight, seconds)
 
 
@@ -39,11 +40,13 @@ async def phase(client: httpx.AsyncClient, concurrency: int, seconds: float, rng
     async def worker() -> None:
         nonlocal done
         while time.monotonic() < end:
-            body = {"model": MODEL, "prompt": [rng.randrange(5, 30000) for _ in range(64)], "max_tokens": 64,
+            body = {"model": MODEL, "prompt": [rng.randrange(5, VOCAB) for _ in range(64)], "max_tokens": 64,
                     "temperature": 0.8, "stream": True, "ignore_eos": True}
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 async for _ in r.aiter_bytes():
                     pass
+            if r.status_code != 200:
+                raise RuntimeError(f"the load's request failed: {r.status_code}")
             done += 1
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
