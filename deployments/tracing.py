@@ -29,7 +29,6 @@ import contextlib
 import contextvars
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -65,18 +64,17 @@ from deployments.tracing_attributes import (  # noqa: F401  (re-exported: caller
     MAX_ATTRIBUTES,
     MAX_NAME,
     MAX_STRING,
-    MAX_TRACEPARENT,
     REQUEST_ID,
     allowed_key,
     clean,
     clean_string,
     clean_value,
+    parse_traceparent,
 )
 from deployments.tracing_config import Protocol, TracingConfig, otlp_exporter, redacted  # noqa: F401
 
 _log = logging.getLogger(__name__)
 
-_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 class Phase(NamedTuple):
     """One finished stretch of a request in the engine. A float time is ``time.monotonic()`` seconds (what
@@ -109,7 +107,7 @@ def monotonic_to_epoch_ns(t: float) -> int:
 def context_from(traceparent: str | None) -> Context:
     """The OpenTelemetry context of a W3C ``traceparent``; an empty context (a new trace) for anything
     missing or malformed. Never raises."""
-    parsed = _parse(traceparent)
+    parsed = parse_traceparent(traceparent)
     return Context() if parsed is None else _remote(*parsed)
 
 
@@ -257,7 +255,7 @@ class Tracing:
         tracer = self._tracer
         if tracer is None:
             return _NOOP_SPAN
-        parsed = _parse(traceparent)
+        parsed = parse_traceparent(traceparent)
         if parsed is None:
             context = Context()  # a root: the ingress is where this service's part of a trace begins
         else:
@@ -273,7 +271,7 @@ class Tracing:
         tracer = self._tracer
         if tracer is None:
             return _NOOP_SPAN
-        parsed = _parse(parent_traceparent)
+        parsed = parse_traceparent(parent_traceparent)
         return _LiveSpan(tracer, name, None if parsed is None else _remote(*parsed), SpanKind.INTERNAL, attributes,
                          activate)
 
@@ -283,7 +281,7 @@ class Tracing:
         phase with a missing, implausible or backwards time, or malformed, is skipped: a bug in timing must
         not fail the request it times."""
         tracer = self._tracer
-        parsed = _parse(parent_traceparent) if tracer is not None else None
+        parsed = parse_traceparent(parent_traceparent) if tracer is not None else None
         if tracer is None or parsed is None or not parsed[2] & TraceFlags.SAMPLED:
             return
         context = _remote(*parsed)
@@ -370,22 +368,6 @@ child_span = _TRACING.child_span
 record_phases = _TRACING.record_phases
 current_traceparent = _TRACING.current_traceparent
 flush = _TRACING.flush
-
-
-def _parse(traceparent: object) -> tuple[int, int, int] | None:
-    if not isinstance(traceparent, str) or len(traceparent) > MAX_TRACEPARENT:
-        return None
-    value = traceparent.strip(" \t")
-    match = _TRACEPARENT.fullmatch(value[:55])
-    if match is None:
-        return None
-    version, trace_hex, span_hex, flags = match.groups()
-    if version == "ff" or (version == "00" and len(value) != 55) or (len(value) > 55 and value[55] != "-"):
-        return None  # ff is forbidden; a later version may append fields after a dash, 00 may not
-    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
-    if trace_id == 0 or span_id == 0:
-        return None
-    return trace_id, span_id, int(flags, 16)
 
 
 def _format(span_context: SpanContext) -> str | None:

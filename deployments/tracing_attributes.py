@@ -1,6 +1,6 @@
-"""Span attributes for ``deployments/tracing.py``: the semantic-convention names, and the cleaning every
-attribute passes (bounded, flat, never content): keys naming content are dropped, strings cut, ints kept to
-int64, sequences flat and of one type, at most ``MAX_ATTRIBUTES`` per span.
+"""Span attributes for ``deployments/tracing.py``: the semantic-convention names, the cleaning every
+attribute passes (bounded, flat, never content: keys naming content are dropped, strings cut, ints kept to
+int64, sequences flat and of one type, at most ``MAX_ATTRIBUTES`` per span), and the W3C traceparent parser.
 
 Example:
     >>> clean({GEN_AI_REQUEST_MODEL: "m", "gen_ai.prompt": "secret", "n": 2**70})
@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 from enum import Enum
 from typing import Final
@@ -89,3 +90,23 @@ def clean(attributes: Mapping[str, object] | None) -> dict[str, object]:
             if value is not None:
                 cleaned[key] = value
     return cleaned
+
+
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def parse_traceparent(traceparent: object) -> tuple[int, int, int] | None:
+    """(trace id, span id, flags) of a valid W3C traceparent; None for anything else (never raises)."""
+    if not isinstance(traceparent, str) or len(traceparent) > MAX_TRACEPARENT:
+        return None
+    value = traceparent.strip(" \t")
+    match = _TRACEPARENT.fullmatch(value[:55])
+    if match is None:
+        return None
+    version, trace_hex, span_hex, flags = match.groups()
+    if version == "ff" or (version == "00" and len(value) != 55) or (len(value) > 55 and value[55] != "-"):
+        return None  # ff is forbidden; a later version may append fields after a dash, 00 may not
+    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
+    if trace_id == 0 or span_id == 0:
+        return None
+    return trace_id, span_id, int(flags, 16)
