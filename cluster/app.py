@@ -11,6 +11,7 @@ router ingress ``modelfleet-router`` in front.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from deployments.draft import DraftServer
 from deployments.embedding import EmbeddingServer
 from deployments.front import haproxy_binary
 from deployments.front_proxy import FrontProxy
+from deployments.gateway.http_policy import CorsPolicy, HostPolicy
+from deployments.gateway.settings import GatewaySettings
 from deployments.ingress.app import Router, RouterSettings
 from deployments.ingress.generate import CallPolicy
 from deployments.ingress.resolve import ModelRoute, Target
@@ -114,13 +117,37 @@ def observability(cfg: ClusterConfig) -> Observability:
                          tracing=TracingConfig(**o.tracing.model_dump()), stats_interval_s=o.stats_interval_s)
 
 
+def _existing_file(path: str, what: str) -> str:
+    p = Path(path).expanduser()
+    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]):
+        if candidate.is_file():
+            return str(candidate.resolve())
+    raise ConfigError(f"{what} {path!r} not found (looked in {Path.cwd()} and {REPO_ROOT}); create it with "
+                      "python -m cluster.keys create --file ... --id ...")
+
+
+def gateway(cfg: ClusterConfig) -> GatewaySettings:
+    g = cfg.gateway
+    try:
+        cors = CorsPolicy(allow_origins=tuple(g.cors.allow_origins), allow_credentials=g.cors.allow_credentials,
+                          max_age_s=g.cors.max_age_s)
+        hosts = HostPolicy(tuple(g.allowed_hosts))
+    except ValueError as err:
+        raise ConfigError(f"invalid modelfleet config: gateway: {err}") from None
+    keys_file = _existing_file(g.auth.keys_file, "gateway.auth.keys_file") if g.auth else None
+    return GatewaySettings(keys_file=keys_file, reload_s=g.auth.reload_s if g.auth else 1.0, metrics=g.metrics,
+                           metrics_listen=g.metrics_listen, lease_fraction=g.rate_limits.lease_fraction,
+                           lease_ttl_s=g.rate_limits.lease_ttl_s, usage_file=g.rate_limits.usage_file,
+                           cors=cors, hosts=hosts)
+
+
 def router_settings(cfg: ClusterConfig) -> RouterSettings:
     r = cfg.router
     return RouterSettings(
         limits=Limits(max_body_bytes=r.max_body_bytes, max_json_depth=r.max_json_depth,
                       request_timeout_s=r.request_timeout_s),
         call=CallPolicy(retry_after_s=r.retry_after_s, cold_start_timeout_s=r.cold_start_timeout_s),
-        health_timeout_s=r.health_timeout_s, observability=observability(cfg))
+        health_timeout_s=r.health_timeout_s, observability=observability(cfg), gateway=gateway(cfg))
 
 
 def _front(cfg: ClusterConfig) -> Application | None:
@@ -133,6 +160,16 @@ def _front(cfg: ClusterConfig) -> Application | None:
                        "haproxy, or MODELFLEET_HAPROXY): serving on the router path instead")
         return None
     return FrontProxy.bind(r.direct_listen, r.direct_port, [m.name for m in cfg.models if m.kind == "llm"])
+
+
+def _context_len(m: ModelSpec, source: str) -> int | None:
+    """The model's context (rate limits reserve it for a chat request without max_tokens), when cheap to know."""
+    if m.engine_options.max_model_len:
+        return m.engine_options.max_model_len
+    try:
+        return int(json.loads((Path(source) / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def build(args: dict[str, Any]) -> Application:
@@ -153,7 +190,8 @@ def build(args: dict[str, Any]) -> Application:
                     options.pop("draft_path"), options["num_speculative_tokens"],
                     options.get("max_model_len") or 1024, options.get("kv_cache_memory_bytes", 256 << 20),
                     compile=options.pop("compile_draft"))
-            direct = DirectOptions(cfg.router.direct_host, router_settings(cfg).limits) if front else None
+            settings = router_settings(cfg)
+            direct = DirectOptions(cfg.router.direct_host, settings.limits, settings.gateway) if front else None
             handles[m.name] = LLMServer.options(**_deployment_options(m)).bind(
                 m.name, source, m.engine, options, draft, admission=m.admission.limits(),
                 retry_after_s=cfg.router.retry_after_s, direct=direct, front=front, observability=observability(cfg))
@@ -161,7 +199,8 @@ def build(args: dict[str, Any]) -> Application:
             handles[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source,
                                                                                      observability(cfg))
         on_demand = m.autoscaling is not None and m.autoscaling.min_replicas == 0
-        routes.append(ModelRoute(m.name, m.kind, (Target(m.name),), on_demand=on_demand))
+        routes.append(ModelRoute(m.name, m.kind, (Target(m.name),), on_demand=on_demand,
+                                 context_len=_context_len(m, source)))
     r = cfg.router
     return Router.options(name=ROUTER_NAME, num_replicas=r.num_replicas, max_ongoing_requests=1024,
                           ray_actor_options={"num_cpus": r.num_cpus}).bind(handles, routes, router_settings(cfg))

@@ -197,6 +197,42 @@ class ObservabilitySpec(_Strict):
                                     "often (0: never; the vLLM engine logs its own)")
 
 
+class AuthSpec(_Strict):
+    keys_file: str = Field(min_length=1, description="the API key file (python -m cluster.keys create ...); "
+                           "relative to the working directory or the repository")
+    reload_s: float = Field(1.0, gt=0, le=60, description="how often each ingress process checks the file "
+                            "for changes (created, revoked, rotated keys apply without a restart)")
+
+
+class RateLimitSpec(_Strict):
+    lease_fraction: float = Field(0.05, gt=0, le=1, description="share of a limit one ingress process leases "
+                                  "at a time (README: the lease slack)")
+    lease_ttl_s: float = Field(2.0, gt=0, le=60, description="an idle lease returns to the cluster's state")
+    usage_file: str | None = Field(None, description="quota use is saved here, to survive a restart")
+
+
+class CorsSpec(_Strict):
+    allow_origins: list[str] = Field(default_factory=list, description="browser origins that may call the API "
+                                     "('https://app.example.com', 'https://*.example.com', '*'); empty: CORS off")
+    allow_credentials: bool = False
+    max_age_s: int = Field(600, ge=0, le=86400)
+
+
+class GatewaySpec(_Strict):
+    """API keys, their limits, and what browsers and Host headers may do (README: "The gateway")."""
+
+    auth: AuthSpec | None = Field(None, description="unset: no keys, every caller anonymous (local use only)")
+    metrics: Literal["keys", "public", "local"] = Field("keys", description="with auth: /metrics needs any "
+                                                        "valid key (keys), answers everyone (public), or only on "
+                                                        "metrics_listen (local)")
+    metrics_listen: str = Field("127.0.0.1:9464", pattern=r"^[^\s:]+:\d{1,5}$",
+                                description="metrics: local: host:port of the metrics hub's own listener")
+    rate_limits: RateLimitSpec = Field(default_factory=RateLimitSpec)
+    cors: CorsSpec = Field(default_factory=CorsSpec)
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host headers answered (DNS-rebinding "
+                                     "protection: 'api.example.com', '*.example.com', 'localhost'); empty: any")
+
+
 class ClusterConfig(_Strict):
     """The whole application: models and the router in front of them."""
 
@@ -204,6 +240,7 @@ class ClusterConfig(_Strict):
     models: list[ModelSpec] = Field(min_length=1)
     router: RouterSpec = Field(default_factory=RouterSpec)
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
 
     @model_validator(mode="after")
     def _unique_names(self) -> ClusterConfig:

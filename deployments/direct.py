@@ -29,6 +29,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from deployments.gateway.settings import GatewaySettings
 from deployments.ingress.generate import loop_deadline, timeout_error
 from deployments.ingress.observe import RequestObserver
 from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest
@@ -47,6 +48,7 @@ class DirectOptions:
 
     host: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
 
 class LocalStream:
@@ -130,9 +132,12 @@ class DirectApp:
     """The ASGI app of one model replica's own listener."""
 
     def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool],
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver | None = None, gateway: GatewaySettings | None = None,
+                 context_len: int | None = None) -> None:
         self.model, self.generate, self.ready = model, generate, ready
-        self.pipeline = Pipeline(limits)
+        gateway = gateway or GatewaySettings()
+        self.pipeline = Pipeline(limits, gateway.authenticator(), gateway.rate_limiter(lambda m: context_len))
+        self.policy = gateway.http_policy()
         self.observer = observer or RequestObserver("direct")
         self.in_flight = 0  # requests being answered (a draining replica waits for them)
         self.draining = False  # set at shutdown: /health answers 503, so the front stops sending here
@@ -162,6 +167,7 @@ class DirectApp:
         outcome = obs.begin(rid, path if path in ("/v1/completions", "/v1/chat/completions") else "other", method,
                             headers.get("traceparent"))
         try:
+            self.policy.check_host(headers)
             if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
                 a = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid, outcome)
                 if (a.body or {}).get("model") == self.model:  # this replica's model: a bounded label
@@ -207,6 +213,9 @@ class DirectApp:
             response = error_response(info)
         if not outcome.streaming:  # a stream is recorded when it ends
             obs.end(outcome, response.status_code)
+        response.headers.update(outcome.response_headers)  # x-ratelimit-* of a limited key
+        if "origin" in headers:
+            response.headers.update(self.policy.response_headers(headers))
         response.headers["x-request-id"] = rid
         response.headers["x-modelfleet-path"] = "direct"  # which path answered (the router's says nothing)
         return response
@@ -216,8 +225,9 @@ class DirectListener:
     """uvicorn serving a ``DirectApp`` on this process's running event loop, on a port of its own."""
 
     def __init__(self, model: str, generate: Generate, limits: Limits, ready: Callable[[], bool],
-                 observer: RequestObserver | None = None) -> None:
-        self.app = DirectApp(model, generate, limits, ready, observer)
+                 observer: RequestObserver | None = None, gateway: GatewaySettings | None = None,
+                 context_len: int | None = None) -> None:
+        self.app = DirectApp(model, generate, limits, ready, observer, gateway, context_len)
         self.port: int | None = None
         self._server: Any = None
         self._task: asyncio.Task | None = None
@@ -253,3 +263,4 @@ class DirectListener:
             self._server.should_exit = True
         if self._task is not None:
             await asyncio.wait([self._task], timeout=5)
+        await self.app.pipeline.close()

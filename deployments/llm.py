@@ -121,7 +121,7 @@ class LLMServer:
 
             host = ray.util.get_node_ip_address() if direct.host == "node" else direct.host
             self.direct = DirectListener(model_name, self.generate_stream, direct.limits, self.engine.is_ready,
-                                         self.telemetry.observer)
+                                         self.telemetry.observer, direct.gateway, self.max_model_len)
             self.direct.start(host)
             if front is not None:
                 self._heartbeat = asyncio.get_running_loop().create_task(self._announce(front, host))

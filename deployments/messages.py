@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,7 @@ class ErrorInfo:
     param: str | None = None
     code: str | None = None
     retry_after_s: float | None = None
+    extra_headers: tuple[tuple[str, str], ...] = ()  # e.g. x-ratelimit-* on a 429
 
     def __post_init__(self) -> None:
         if not self.type:
@@ -85,10 +87,11 @@ class ErrorInfo:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after_s))),
-                "retry-after-ms": str(max(0, round(self.retry_after_s * 1000)))}
+        out = dict(self.extra_headers)
+        if self.retry_after_s is not None:  # whole seconds rounded up: a client must not come back too early
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+            out["retry-after-ms"] = str(max(0, math.ceil(self.retry_after_s * 1000)))
+        return out
 
 
 class ServeError(Exception):

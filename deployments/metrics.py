@@ -9,6 +9,7 @@ The names here are the contract of the Grafana dashboard (``cluster/dashboard.py
     ingress (router     modelfleet_requests_total{model_name, route, status, ingress}
     or direct replica)  modelfleet_request_rejections_total{model_name, reason}
                         modelfleet_in_flight_streams{model_name, ingress}
+                        modelfleet_rate_limit_leases_total{result}   (round trips to the limits state)
     model replica       modelfleet_router_queue_seconds{model_name}   (admission -> the replica starts it)
                         modelfleet_engine_restarts_total{model_name}
                         modelfleet_gpu_utilization_ratio / _gpu_memory_used_bytes{model_name} (NVML only)
@@ -41,6 +42,9 @@ REJECTIONS = Counter("modelfleet_request_rejections", "Requests refused or faile
 IN_FLIGHT = Gauge("modelfleet_in_flight_streams", "Streaming responses being sent.", ["model_name", "ingress"])
 ROUTER_QUEUE = Histogram("modelfleet_router_queue_seconds", "Time from admission at the ingress until the model "
                          "replica started the request.", ["model_name"], buckets=QUEUE_BUCKETS)
+RATE_LIMIT_LEASES = Counter("modelfleet_rate_limit_leases", "Round trips of an ingress process to the cluster's "
+                            "rate-limit state, by result (granted, refused, error: enforced locally instead).",
+                            ["result"])
 EMBEDDING_BATCH = Histogram("modelfleet_embedding_batch_size", "Inputs per embedding forward pass.",
                             ["model_name"], buckets=BATCH_BUCKETS)
 
@@ -61,6 +65,7 @@ GPU_METRICS = ("modelfleet_gpu_utilization_ratio", "modelfleet_gpu_memory_used_b
 MODELFLEET_METRIC_NAMES: frozenset[str] = frozenset(
     {"modelfleet_requests", "modelfleet_request_rejections", "modelfleet_in_flight_streams",
      "modelfleet_router_queue_seconds", "modelfleet_engine_restarts", "modelfleet_embedding_batch_size",
+     "modelfleet_rate_limit_leases",
      *GPU_METRICS, *HUB_GAUGES, *HUB_COUNTERS})
 
 

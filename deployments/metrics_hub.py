@@ -260,6 +260,14 @@ class MetricsHub:
     def sources(self) -> list[str]:
         return sorted(s.source for s in self.state.live(time.time()))
 
+    async def listen(self, host: str, port: int) -> int:
+        """``GET /metrics`` on a listener of the hub's own (``gateway.metrics: local``); idempotent."""
+        if getattr(self, "_listener", None) is None:
+            from deployments.metrics_listener import serve_metrics
+
+            self._listener = await serve_metrics(self.render, host, port)
+        return self._listener[1]
+
     def _drift_metrics(self) -> list[Metric]:
         if self.drift is None:
             return []

@@ -23,8 +23,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from deployments.gateway.auth import visible
+from deployments.gateway.settings import GatewaySettings
 from deployments.ingress.generate import REPLICA_GONE, CallPolicy, ReplicaStream, generate_whole
-from deployments.ingress.observe import Outcome
+from deployments.ingress.observe import PREFLIGHT, Outcome
 from deployments.ingress.openapi import openapi_document
 from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from deployments.ingress.resolve import ModelRoute, Resolver
@@ -47,6 +49,7 @@ class RouterSettings:
     call: CallPolicy = field(default_factory=CallPolicy)
     health_timeout_s: float = 5.0
     observability: Observability = field(default_factory=Observability)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
 
 def once(fn: Callable[[], None]) -> Callable[[], None]:
@@ -76,7 +79,13 @@ class Router:
         self.handles = handles
         self.resolver = Resolver(routes)
         self.settings = settings or RouterSettings()
-        self.pipeline = Pipeline(self.settings.limits)
+        gateway = self.settings.gateway
+        context = {r.model: r.context_len for r in routes}
+        self.pipeline = Pipeline(self.settings.limits, gateway.authenticator(),
+                                 gateway.rate_limiter(lambda model: context.get(model)))
+        self.policy = gateway.http_policy()
+        if gateway.metrics == "local" and self.settings.observability.metrics:
+            self._metrics_listener = asyncio.get_running_loop().create_task(self._listen_metrics())
         self.shedder = Shedder()
         self.telemetry = Telemetry.start(self.settings.observability, "router", None)
         self.observer = self.telemetry.observer
@@ -94,6 +103,7 @@ class Router:
         }
 
     async def __del__(self) -> None:
+        await self.pipeline.close()
         await self.telemetry.stop()
 
     # ---- HTTP -------------------------------------------------------------------------------------------
@@ -108,7 +118,12 @@ class Router:
         outcome = self.observer.begin(rid, path if any(p == path for _, p in self.routes) else "other", method,
                                       headers.get("traceparent"))
         try:
+            self.policy.check_host(headers)  # before anything else: a rebound DNS name gets nothing
             handler = self.routes.get((method, path))
+            if method == "OPTIONS" and (pre := self.policy.preflight(method, headers)) is not None:
+                outcome.route = PREFLIGHT  # a browser asking first: not traffic, not recorded
+                self.observer.end(outcome)
+                return Response(status_code=pre[0], headers=pre[1])
             if handler is None:
                 if any(p == path for _, p in self.routes):
                     raise invalid(f"method {method} not allowed on {path}", code="method_not_allowed", status=405)
@@ -134,6 +149,9 @@ class Router:
             response = error_response(info)
         if not outcome.streaming:  # a stream is recorded when it ends
             self.observer.end(outcome, response.status_code)
+        response.headers.update(outcome.response_headers)  # x-ratelimit-* of a limited key, on every answer
+        if "origin" in headers:
+            response.headers.update(self.policy.response_headers(headers))
         if headers.get("x-request-id") != rid:  # Serve's proxy echoes the id it forwarded; add ours only if new
             response.headers["x-request-id"] = rid
         return response
@@ -145,10 +163,10 @@ class Router:
         return respond(await self._chat(a, parse(ChatCompletionRequest, a.body or {})))
 
     async def _http_embeddings(self, a: Admitted) -> Response:
-        return JSONResponse(await self._embeddings(parse(EmbeddingRequest, a.body or {}), a.outcome))
+        return JSONResponse(await self._embeddings(parse(EmbeddingRequest, a.body or {}), a.outcome, a.principal))
 
     async def _http_models(self, a: Admitted) -> Response:
-        return JSONResponse(self.models())
+        return JSONResponse(self.models(a.principal))
 
     async def _http_health(self, a: Admitted) -> Response:
         status = await self.health()
@@ -158,9 +176,22 @@ class Router:
         return Response(self.openapi, media_type="application/json")
 
     async def _http_metrics(self, a: Admitted) -> Response:
+        if self.settings.gateway.metrics == "local":  # served by the metrics hub's own local listener only
+            raise invalid(f"no route GET /metrics here (see {self.settings.gateway.metrics_listen})", code="not_found",
+                          status=404)
         accept = a.headers.get("accept", "") if a.headers else ""
         body, content_type = await self.metrics(accept)
         return Response(body, media_type=content_type)
+
+    async def _listen_metrics(self) -> None:
+        """``gateway.metrics: local``: the hub answers /metrics on its own local address (every router asks;
+        the hub listens once)."""
+        host, _, port = self.settings.gateway.metrics_listen.rpartition(":")
+        try:
+            handle = await asyncio.to_thread(hub)
+            await handle.listen.remote(host.strip("[]"), int(port))
+        except Exception:
+            logger.exception("the metrics hub could not listen on %s", self.settings.gateway.metrics_listen)
 
     async def metrics(self, accept: str = "") -> tuple[bytes, str]:
         """The whole cluster's metrics, rendered by the hub (``accept``: the scraper's Accept header)."""
@@ -194,9 +225,11 @@ class Router:
     async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self._embeddings(parse(EmbeddingRequest, body))
 
-    def models(self) -> dict[str, Any]:
+    def models(self, principal: Any = None) -> dict[str, Any]:
+        """The served models (``principal``: a key's grant: only those it may use)."""
+        shown = set(visible(principal, self.resolver.routes))
         data = [{"id": r.model, "object": "model", "owned_by": "modelfleet", "kind": r.kind}
-                for r in self.resolver.routes.values()]
+                for r in self.resolver.routes.values() if r.model in shown]
         return {"object": "list", "data": data}
 
     def ingress_stats(self) -> dict[str, Any]:
@@ -236,7 +269,7 @@ class Router:
 
     async def _generate(self, req: Any, gen: GenerateRequest, shaper: Shaper,
                         a: Admitted) -> dict[str, Any] | AsyncIterator:
-        target = self.resolver.resolve(req.model, "llm", key=req.user).deployment
+        target = self.resolver.resolve(req.model, "llm", key=req.user, principal=a.principal).deployment
         handle = self.handles[target]
         outcome: Outcome | None = a.outcome
         if outcome is not None:
@@ -273,10 +306,12 @@ class Router:
             if ticket is not None:
                 self.shedder.leave(ticket, refused)
 
-    async def _embeddings(self, req: EmbeddingRequest, outcome: Outcome | None = None) -> dict[str, Any]:
+    async def _embeddings(self, req: EmbeddingRequest, outcome: Outcome | None = None,
+                          principal: Any = None) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
 
-        handle = self.handles[self.resolver.resolve(req.model, "embedding", key=req.user).deployment]
+        handle = self.handles[self.resolver.resolve(req.model, "embedding", key=req.user, principal=principal)
+                              .deployment]
         if outcome is not None:
             outcome.model = req.model
         policy = self.settings.call

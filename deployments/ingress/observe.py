@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,8 @@ from deployments.metrics import IN_FLIGHT, REJECTIONS, REQUESTS
 from deployments.request_log import RequestLog
 
 logger = logging.getLogger("ray.serve")
-UNOBSERVED = frozenset({"/health", "/metrics"})
+PREFLIGHT = "preflight"  # the route label of a CORS preflight (OPTIONS): answered, never recorded
+UNOBSERVED = frozenset({"/health", "/metrics", PREFLIGHT})
 
 
 @dataclass
@@ -56,6 +57,8 @@ class Outcome:
     completion: list[str] | None = None
     ended: bool = False
     span: Any = None  # tracing.SpanHandle of the request (a no-op when tracing is off)
+    response_headers: dict[str, str] = field(default_factory=dict)  # e.g. x-ratelimit-*, on every response
+    settle: Callable[[], None] | None = None  # the rate-limit reservation, settled with the tokens used
 
     @property
     def traceparent(self) -> str | None:
@@ -133,6 +136,11 @@ class RequestObserver:
         if out.ended:
             return
         out.ended = True
+        if out.settle is not None:
+            try:
+                out.settle()
+            except Exception:  # never fail an answered request; the lease sweep corrects the rest
+                logger.exception("settling the rate limit of request %s failed", out.request_id)
         if out.route in UNOBSERVED:  # probes and scrapes: not traffic (they would skew the error ratio)
             if out.span is not None:
                 out.span.__exit__(None, None, None)

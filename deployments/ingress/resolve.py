@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from deployments.messages import ErrorInfo, ServeError
 
@@ -40,6 +40,7 @@ class ModelRoute:
     targets: tuple[Target, ...]
     shadows: tuple[Target, ...] = ()
     on_demand: bool = False  # may sit at zero replicas (health must not wake it)
+    context_len: int | None = None  # the model's max_model_len, when known (rate limits reserve by it)
 
 
 def choose(targets: tuple[Target, ...], key: str | None = None) -> Target:
@@ -51,10 +52,12 @@ class Resolver:
     def __init__(self, routes: Iterable[ModelRoute]) -> None:
         self.routes = {r.model: r for r in routes}
 
-    def route(self, model: str, kind: Kind) -> ModelRoute:
+    def route(self, model: str, kind: Kind, principal: Any = None) -> ModelRoute:
+        """``principal``: the caller's key grant; a 404 then lists only the models that key may use."""
         route = self.routes.get(model)
         if route is None:
-            served = sorted(m for m, r in self.routes.items() if r.kind == kind)
+            may_use = getattr(principal, "may_use", lambda m: True)
+            served = sorted(m for m, r in self.routes.items() if r.kind == kind and may_use(m))
             raise ServeError(ErrorInfo(404, f"model {model!r} not found; available: {', '.join(served) or 'none'}",
                                        type="invalid_request_error", param="model", code="model_not_found"))
         if route.kind != kind:
@@ -62,8 +65,8 @@ class Resolver:
                                        "requests", param="model", code="model_not_found"))
         return route
 
-    def resolve(self, model: str, kind: Kind, key: str | None = None) -> Target:
-        return choose(self.route(model, kind).targets, key)
+    def resolve(self, model: str, kind: Kind, key: str | None = None, principal: Any = None) -> Target:
+        return choose(self.route(model, kind, principal).targets, key)
 
     def deployments(self) -> set[str]:
         return {t.deployment for r in self.routes.values() for t in (*r.targets, *r.shadows)}

@@ -1,12 +1,13 @@
 """The stages every request passes before a route sees it: plain async code over typed values.
 
     request id -> size and content-type limits -> authenticate -> read and parse the body (bounded)
-    -> rate limit -> (route) -> observe (``observe.py``: metrics, request log, drift, once at the end)
+    -> the key may use the model -> rate limit (reserve) -> (route)
+    -> observe (``observe.py``: metrics, request log, drift; the reservation settled), once at the end
 
 Stages know nothing of Ray or of where they run (the router deployment, or a model replica that serves
 HTTP itself), so they are unit-tested alone. Authentication and rate limits are seams (``Authenticator``,
-``RateLimiter``) whose defaults admit everything; later issues plug real ones in. A stage refuses a request
-by raising ``ServeError``.
+``RateLimiter``) whose defaults admit everything; ``deployments/gateway/`` holds the real ones (API keys,
+leased cluster-wide limits). A stage refuses a request by raising ``ServeError``.
 
 Example:
     >>> limits = Limits(max_body_bytes=1024)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 import uuid
@@ -30,8 +32,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from deployments.gateway.auth import check_model
 from deployments.messages import ErrorInfo, ServeError, invalid
 
+logger = logging.getLogger("ray.serve")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 JSON_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 
@@ -65,7 +69,7 @@ class Admitted:
     started: float  # time.time() at arrival
     deadline: float  # time.time() after which the answer is no longer wanted
     body: dict[str, Any] | None = None
-    principal: str | None = None  # who is calling, once authentication sets it
+    principal: Any = None  # who is calling: the key's gateway.keys.Grant (auth on), else None
     tags: Mapping[str, str] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
     outcome: Any = None  # observe.Outcome: what the request did, recorded when it ends
@@ -130,26 +134,32 @@ def _max_depth(raw: bytes) -> int:
 
 
 class Authenticator(Protocol):
-    async def authenticate(self, request_id: str, headers: Mapping[str, str], route: str) -> str | None:
-        """The caller's identity, or raise ServeError (401/403)."""
+    async def authenticate(self, request_id: str, headers: Mapping[str, str], route: str) -> Any:
+        """The caller's identity (an object with ``key_id``), None for anonymous, or raise ServeError (401)."""
         ...
 
 
 class RateLimiter(Protocol):
-    async def admit(self, request: Admitted) -> None:
-        """Raise ServeError (429) when the caller is over its limits."""
+    async def admit(self, request: Admitted) -> Any:
+        """A reservation (with ``headers``) settled when the request ends, None; or raise ServeError (429)."""
+        ...
+
+    def settle(self, reservation: Any, used_tokens: int) -> None:
         ...
 
 
 class OpenAccess:
     """Authentication off: everyone is anonymous."""
 
-    async def authenticate(self, request_id: str, headers: Mapping[str, str], route: str) -> str | None:
+    async def authenticate(self, request_id: str, headers: Mapping[str, str], route: str) -> Any:
         return None
 
 
 class Unlimited:
     async def admit(self, request: Admitted) -> None:
+        return None
+
+    def settle(self, reservation: Any, used_tokens: int) -> None:
         return None
 
 
@@ -166,18 +176,40 @@ class Pipeline:
         rid = rid or request_id(incoming.headers)
         now = time.time()
         check_headers(incoming.method, incoming.path, incoming.headers, self.limits)
-        principal = await self.auth.authenticate(rid, incoming.headers, incoming.path)
+        try:
+            principal = await self.auth.authenticate(rid, incoming.headers, incoming.path)
+        except ServeError as err:  # a refused key the secret proved (revoked, expired) is audited by its id
+            if outcome is not None:
+                outcome.principal = getattr(err, "key_id", None)
+            raise
+        if outcome is not None:
+            outcome.principal = getattr(principal, "key_id", None)
         body = None
         if incoming.method == "POST" and incoming.path in JSON_ROUTES:
             raw = await read_body(incoming.body or body_chunks([]), self.limits)
             body = parse_json(raw, self.limits) if len(raw) < 65536 else await asyncio.to_thread(
                 parse_json, raw, self.limits)  # a large body is parsed off the event loop
+        if body is not None:
+            check_model(principal, body.get("model"))
         admitted = Admitted(rid, incoming.path, now, now + self.limits.request_timeout_s, body, principal,
                             headers=incoming.headers, outcome=outcome)
         if outcome is not None:
-            outcome.started, outcome.principal = now, principal
-        await self.rate_limiter.admit(admitted)
+            outcome.started = now
+        reservation = await self.rate_limiter.admit(admitted)
+        if reservation is not None and outcome is not None:
+            outcome.response_headers.update(reservation.headers)
+            limiter = self.rate_limiter
+            outcome.settle = lambda: limiter.settle(reservation, outcome.prompt_tokens + outcome.completion_tokens)
         return admitted
+
+    async def close(self) -> None:
+        """Give back what the rate limiter holds (its leases) when this process stops serving."""
+        close = getattr(self.rate_limiter, "close", None)
+        if close is not None:
+            try:
+                await close()
+            except Exception as err:  # the state is gone too: its leases expire with it
+                logger.info("rate-limit leases not returned: %s", type(err).__name__)
 
     def for_handle(self, route: str, body: dict[str, Any], rid: str | None = None, outcome: Any = None) -> Admitted:
         """A Python caller (a DeploymentHandle): no HTTP stages, same request id and deadline."""

@@ -1,0 +1,1 @@
+"""The gateway: API keys, per-key model access, rate limits, CORS and Host checks."""
