@@ -94,10 +94,17 @@ TARGETS = {"mf-vllm": "modelfleet, vLLM engine", "vllm": "vLLM OpenAI server", "
            "mf-native-direct": "modelfleet direct path, native engine",
            "mf-vllm-direct-nometrics": "modelfleet direct path, vLLM engine, recording off",
            "mf-native-direct-nometrics": "modelfleet direct path, native engine, recording off",
+           "mf-native-gateway": "modelfleet, native engine, API key + rate limits",
+           "mf-native-direct-gateway": "modelfleet direct path, native engine, API key + rate limits",
+           "mf-vllm-direct-gateway": "modelfleet direct path, vLLM engine, API key + rate limits",
            "serve-llm": "Ray Serve LLM (build_openai_app), vLLM engine"}
 # observability off: no metrics, request log, drift or stats line (issue 13's "metrics on vs off")
 NO_RECORDING = {"metrics": False, "request_log": {"enabled": False}, "drift": False, "stats_interval_s": 0}
 NAME = "bench"  # the model name every target serves
+# gateway on (issue 14's "auth and limits on vs off"): one key whose rpm/tpm the load never reaches, so every
+# request is authenticated and reserves/settles from leases, and none is refused
+GATEWAY_LIMITS = {"rpm": 1_000_000, "tpm": 1_000_000_000}
+CLIENT_HEADERS: dict[str, str] = {}  # the key the load sends, for a gateway target
 
 
 # ---- client -------------------------------------------------------------------------------------------------
@@ -148,7 +155,8 @@ async def probe(client: httpx.AsyncClient, vocab: int, n: int) -> dict[str, Any]
 
 async def measure(base: str, args: argparse.Namespace, vocab: int, tree: TreeCPU) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
-    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(600.0), limits=limits,
+                                 headers=CLIENT_HEADERS) as client:
         warm = random_prompts(max(args.concurrency, 2), args.input_len, vocab, seed=args.seed + 1)
         outs, _ = await run_load(client, warm, min(args.output_len, 16), math.inf, args.concurrency, args.seed)
         if not all(o.ok for o in outs):
@@ -289,8 +297,8 @@ def start_target(target: str, code: Path, args: argparse.Namespace, vocab: int, 
         (tmp / "cfg.json").write_text(json.dumps(cfg))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--launch-serve-llm", str(tmp / "cfg.json")]
     else:
-        quiet = target.endswith("-nometrics")
-        target = target.removesuffix("-nometrics")
+        quiet, gated = target.endswith("-nometrics"), target.endswith("-gateway")
+        target = target.removesuffix("-nometrics").removesuffix("-gateway")
         direct = target.endswith("-direct")  # the client's port is the front proxy's; Serve's proxy gets another
         model = {"name": NAME, "source": args.model, "engine": target.removeprefix("mf-").removesuffix("-direct"),
                  "engine_options": engine_options(args), "resources": {"num_cpus": args.model_cpus},
@@ -299,10 +307,21 @@ def start_target(target: str, code: Path, args: argparse.Namespace, vocab: int, 
         cfg = {"num_cpus": os.cpu_count(), "ray_temp": str(tmp / "ray"), "port": free_port() if direct else port,
                "vocab": vocab, "probe_n": args.probe_requests, "probe_out": str(tmp / "probe.json"),
                "code_root": str(code), "code_out": str(tmp / "code.json"),
-               "args": {"models": [model], "router": router} | ({"observability": NO_RECORDING} if quiet else {})}
+               "args": {"models": [model], "router": router} | ({"observability": NO_RECORDING} if quiet else {})
+               | ({"gateway": {"auth": {"keys_file": gateway_key(tmp)}}} if gated else {})}
         (tmp / "cfg.json").write_text(json.dumps(cfg))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--launch", str(tmp / "cfg.json")]
     return subprocess.Popen(cmd, cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def gateway_key(tmp: Path) -> str:
+    """A key file with one key (limits the load never reaches); the load sends its secret."""
+    from deployments.gateway import keys
+
+    secret, rec = keys.new_key("bench", limits=keys.Limits(**GATEWAY_LIMITS))
+    keys.save(tmp / "keys.json", keys.KeyTable([rec]))
+    CLIENT_HEADERS["authorization"] = f"Bearer {secret}"
+    return str(tmp / "keys.json")
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float, path: str = "/health") -> None:
@@ -345,6 +364,7 @@ def run_target(key: str, target: str, code: Path, args: argparse.Namespace, voca
             print(f"  ready after {startup:.0f} s; measuring", flush=True)
             tree = TreeCPU(proc.pid, marker=str(tmp))
             result = asyncio.run(measure(f"http://127.0.0.1:{port}", args, vocab, tree)) | {"startup_s": startup}
+            CLIENT_HEADERS.clear()
             if target.startswith("mf-"):
                 result["probe"] |= request_handle_probe(proc, tmp)
                 result["imported_from"] = found

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from cluster.app import ConfigError, parse_config, resolve_source
+from cluster.app import ConfigError, gateway, parse_config, resolve_source
 
 
 def validate_file(path: str | Path) -> list[str]:
@@ -27,6 +27,14 @@ def validate_file(path: str | Path) -> list[str]:
         cfg = parse_config(app.get("args") or {})
         for m in cfg.models:
             resolve_source(m.source)
+        gate = gateway(cfg)  # the key file exists and parses; CORS and Host entries are valid
+        if gate.keys_file is not None:
+            from deployments.gateway.keys import load
+
+            try:
+                load(gate.keys_file)
+            except (ValueError, KeyError, TypeError) as err:
+                raise ConfigError(f"gateway.auth.keys_file: {err}") from None
         models = ", ".join(f"{m.name} ({m.kind}, {m.engine})" for m in cfg.models)
         lines.append(f"{app.get('name', 'default')}: {models}")
     return lines

@@ -157,3 +157,28 @@ def test_router_mode_direct_adds_the_front_proxy(monkeypatch):
     monkeypatch.setattr(cluster.app.logger, "warning", lambda msg, *a: said.append(msg % a))
     assert FRONT_NAME not in _deployments(build(direct))  # no haproxy: the router path, said once
     assert len(said) == 1 and "serving on the router path instead" in said[0]
+
+
+def test_gateway_config_needs_an_existing_key_file_and_valid_policies(tmp_path, capsys):
+    from cluster.app import ConfigError, gateway
+    from cluster.validate import main
+    from deployments.gateway import keys
+
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("applications:\n  - name: x\n    import_path: cluster.app:build\n"
+                   "    args: {models: [{name: m, source: models/tiny-code-llama}], "
+                   f"gateway: {{auth: {{keys_file: {tmp_path}/keys.json}}}}}}\n")
+    assert main([str(cfg)]) == 1
+    assert "gateway.auth.keys_file" in capsys.readouterr().err
+    keys.save(tmp_path / "keys.json", keys.KeyTable([keys.new_key("a")[1]]))
+    assert main([str(cfg)]) == 0
+    ok = ClusterConfig.model_validate(_cfg() | {"gateway": {"auth": {"keys_file": str(tmp_path / "keys.json")},
+                                                            "cors": {"allow_origins": ["https://a.example"]},
+                                                            "allowed_hosts": ["a.example"]}})
+    g = gateway(ok)
+    assert g.auth_on and g.keys_file == str(tmp_path / "keys.json") and g.cors.allow_origins == ("https://a.example",)
+    bad = ClusterConfig.model_validate(_cfg() | {"gateway": {"cors": {"allow_origins": ["not an origin"]}}})
+    with pytest.raises(ConfigError, match="gateway"):
+        gateway(bad)
+    with pytest.raises(ValidationError, match="metrics"):
+        ClusterConfig.model_validate(_cfg() | {"gateway": {"metrics": "everyone"}})

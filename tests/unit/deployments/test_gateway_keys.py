@@ -169,3 +169,15 @@ def test_pipeline_refuses_a_model_the_key_may_not_use_with_403(tmp_path):
     err = refused(admit, "vllm")
     assert (err.info.status, err.info.code, err.info.param, err.key_id) == (403, "model_not_allowed", "model", "k")
     assert refused(admit, "tiny-code-llama", "sk-mf-k.wrong").info.status == 401
+
+
+def test_the_gateway_modules_examples_run():
+    import doctest
+
+    from cluster import keys as keys_cli
+    from deployments import metrics_listener
+    from deployments.gateway import auth, http_policy, limits_state, ratelimit, settings, token_bucket
+
+    for module in (keys, auth, http_policy, limits_state, ratelimit, settings, token_bucket, keys_cli,
+                   metrics_listener):
+        assert doctest.testmod(module).failed == 0, module.__name__
