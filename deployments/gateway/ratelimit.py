@@ -105,7 +105,7 @@ class _Lease:
     level: float | None = None  # the state's level at its last reply (after leases)
     seen_at: float = 0.0
     blocked_until: float = 0.0
-    reply_wait: float = 0.0  # when blocked: the wait the state named
+    blocked_spec: Spec | None = None  # the limit it was refused under (a changed limit lifts the block)
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,9 @@ class LeaseLimiter:
         tokens = estimate(route, body, self.context_len(model) if model else None)
         buckets = self.plan(g, model)
         needs = [1.0 if what == "requests" else float(tokens) for _, _, what in buckets]
+        for i, ((_, spec, _), need) in enumerate(zip(buckets, needs, strict=True)):
+            if need > spec.capacity:  # could never be admitted: refused outright, no round trip, no block
+                raise self._refusal(g, buckets, needs, i, math.inf)
         self._start_sweeper()
         for _ in range(3):  # a concurrent request of the same key may take what a round trip brought
             if self._take_local(buckets, needs):
@@ -215,7 +218,7 @@ class LeaseLimiter:
         now = self.clock()
         leases = [self.leases[key] for key, _, _ in buckets]
         short = [i for i, (lease, need) in enumerate(zip(leases, needs, strict=True)) if lease.have < need]
-        blocked = [i for i in short if leases[i].blocked_until > now]
+        blocked = [i for i in short if leases[i].blocked_until > now and leases[i].blocked_spec == buckets[i][1]]
         if blocked:  # refused a moment ago: refuse again without asking
             i = blocked[0]
             raise self._refusal(g, buckets, needs, i, leases[i].blocked_until - now)
@@ -230,7 +233,8 @@ class LeaseLimiter:
             lease.level, lease.seen_at = level, now
         if reply.granted is None:
             i = reply.refused
-            leases[i].blocked_until = now + min(reply.retry_after_s, 3600.0)
+            if math.isfinite(reply.retry_after_s):
+                leases[i].blocked_until, leases[i].blocked_spec = now + reply.retry_after_s, buckets[i][1]
             raise self._refusal(g, buckets, needs, i, reply.retry_after_s)
         for lease, got in zip(leases, reply.granted, strict=True):
             lease.have += got

@@ -1,4 +1,5 @@
-"""`serve run configs/default.yaml` itself, as a user runs it: a subprocess with its own Ray, stopped by PID."""
+"""`make serve`'s launcher (``python -m cluster.launch``, `serve run` on a closed Ray) and plain `serve run`, as a
+user runs them: subprocesses with their own Ray, stopped by PID."""
 
 from __future__ import annotations
 
@@ -19,12 +20,20 @@ from tests.integration.conftest import free_port, wait_healthy
 SERVE = str(Path(sys.executable).with_name("serve"))
 
 
-def _start(config: Path, temp: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", TMPDIR=temp, RAY_TMPDIR=temp)
+def _start(config: Path, temp: str, launcher: bool = False) -> subprocess.Popen:
+    """``serve run CONFIG``; ``launcher``: ``python -m cluster.launch CONFIG`` (make serve), with Ray's token auth
+    on (the token in a private HOME, so no other Ray on the machine is affected)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env.update(HF_HUB_OFFLINE="1", TMPDIR=temp, RAY_TMPDIR=temp)
+    if launcher:
+        env["HOME"] = temp
+        cmd = [sys.executable, "-m", "cluster.launch", str(config)]
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"
+        cmd = [SERVE, "run", str(config)]
     log = open(Path(temp) / "serve-run.log", "w")  # a file, not a pipe: nobody must drain it  # noqa: SIM115
-    proc = subprocess.Popen([SERVE, "run", str(config)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     proc.log_path = log.name  # type: ignore[attr-defined]
     return proc
 
@@ -46,13 +55,33 @@ def temp_dir():
     return tempfile.mkdtemp(prefix="mf-sr-", dir="/tmp")
 
 
-def test_serve_run_default_config(temp_dir):
+def listening(proc: subprocess.Popen, temp: str) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every listening TCP socket of the session: the launcher's process
+    tree and every process that runs from its temp folder (Ray's daemons and workers)."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    pids = {root.pid} | {c.pid for c in root.children(recursive=True)}
+    for p in psutil.process_iter(["cmdline"]):
+        if temp in " ".join(p.info["cmdline"] or []):
+            pids.add(p.pid)
+    out = []
+    for c in psutil.net_connections("inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            try:
+                out.append((psutil.Process(c.pid).name(), c.laddr.ip, c.laddr.port))
+            except psutil.NoSuchProcess:
+                continue
+    return out
+
+
+def test_make_serve_default_config_on_a_closed_ray(temp_dir):
     port, serve_port = free_port(), free_port()  # the front proxy's (clients) and Serve's own
     config = Path(temp_dir) / "default.yaml"
     config.write_text((REPO / "configs" / "default.yaml").read_text().replace("direct_port: 8000", f"direct_port: "
                                                                               f"{port}").replace("port: 8001",
                                                                                                  f"port: {serve_port}"))
-    proc = _start(config, temp_dir)
+    proc = _start(config, temp_dir, launcher=True)
     base = f"http://127.0.0.1:{port}"
     try:
         if not wait_healthy(base, 300, alive=lambda: proc.poll() is None):
@@ -72,6 +101,11 @@ def test_serve_run_default_config(temp_dir):
             assert r.status_code == 200 and r.headers.get("x-modelfleet-path") == "direct", r.headers
         e = httpx.post(f"{base}/v1/embeddings", timeout=60, json={"model": "all-minilm-l6-v2", "input": "hi"})
         assert e.status_code == 200 and len(e.json()["data"][0]["embedding"]) == 384
+        sockets = listening(proc, temp_dir)
+        assert len(sockets) >= 5, sockets  # GCS, raylet, the proxies, the front, replica listeners...
+        open_ = [s for s in sockets if not (s[1].startswith(("127.", "::ffff:127.")) or s[1] == "::1")]
+        assert not open_, f"listening beyond loopback: {open_}"
+        assert Path(temp_dir, ".ray", "auth_token").stat().st_size >= 16  # Ray's token auth was on: it made one
     finally:
         _stop(proc)
     assert proc.returncode is not None

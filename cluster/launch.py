@@ -1,0 +1,52 @@
+"""``python -m cluster.launch CONFIG`` (what ``make serve`` runs): ``serve run CONFIG`` on a Ray of its own
+that is closed to the network, for a single machine.
+
+Plain ``serve run`` starts a local Ray whose control plane (GCS, raylet, object manager, worker gRPC ports,
+the dashboard agent with its job-submission route) answers on the machine's address, without
+authentication. Here, before Serve's CLI starts Ray:
+
+- the node's address is the loopback one (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: Ray's single-machine
+  mode, which it uses on macOS and Windows, where no other node may join);
+- Ray's token authentication is on (``RAY_AUTH_MODE=token``; ``ray.init`` generates the token in
+  ``~/.ray/auth_token`` on first use), unless the environment says otherwise;
+- the dashboard is off, unless ``--dashboard`` (then on 127.0.0.1 only).
+
+``tests/integration/test_serve_run.py`` checks that every listening socket of the session is on loopback.
+For a cluster of several machines see the README ("Hardening"): Ray must listen on the network there, with
+token auth on every node and only the ports it names reachable.
+
+Example:
+    >>> closed_env({})["RAY_AUTH_MODE"], closed_env({"RAY_AUTH_MODE": "disabled"})["RAY_AUTH_MODE"]
+    ('token', 'disabled')
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+
+
+def closed_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables that close a single-machine Ray (what the caller set wins)."""
+    out = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    return out | {k: v for k, v in env.items() if k in out}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m cluster.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="a Serve config (configs/default.yaml)")
+    p.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (on 127.0.0.1 only)")
+    args = p.parse_args(argv)
+    os.environ.update(closed_env(os.environ))
+    import ray
+    from ray.serve.scripts import cli
+
+    ray.init(include_dashboard=args.dashboard, dashboard_host="127.0.0.1", namespace="serve")
+    # Serve's own `serve run`, on the Ray started above (it connects to an initialized Ray as is).
+    sys.exit(cli.main(args=["run", args.config], prog_name="serve", standalone_mode=True))
+
+
+if __name__ == "__main__":
+    main()
