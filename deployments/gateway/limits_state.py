@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -182,28 +183,28 @@ class LimitsActor:
 
 
 class ActorState:
-    """The actor's interface for a LeaseLimiter: the handle is found lazily, off the event loop."""
+    """The actor's interface for a LeaseLimiter: the handle is found lazily, off the event loop; a call that
+    takes longer than ``timeout_s`` (the actor restarting, its node gone) fails, so a request never waits
+    on the state for longer than that (the limiter then enforces the limits in its own process)."""
 
-    def __init__(self, usage_file: str | None = None) -> None:
-        self.usage_file, self._actor = usage_file, None
+    def __init__(self, usage_file: str | None = None, timeout_s: float = 2.0) -> None:
+        self.usage_file, self.timeout_s, self._actor = usage_file, timeout_s, None
 
     async def _handle(self) -> Any:
         if self._actor is None:
-            import asyncio
-
-            self._actor = await asyncio.to_thread(limits_actor, self.usage_file)
+            self._actor = await asyncio.wait_for(asyncio.to_thread(limits_actor, self.usage_file), self.timeout_s)
         return self._actor
 
     async def grant(self, asks: list[Ask]) -> Reply:
         try:
-            return await (await self._handle()).grant.remote(asks)
+            return await asyncio.wait_for((await self._handle()).grant.remote(asks), self.timeout_s)
         except Exception:
             self._actor = None  # found again next time (the actor restarted, or was never there)
             raise
 
     async def settle(self, deltas: list[tuple[BucketKey, Spec, float]]) -> None:
         try:
-            await (await self._handle()).settle.remote(deltas)
+            await asyncio.wait_for((await self._handle()).settle.remote(deltas), self.timeout_s)
         except Exception:
             self._actor = None
             raise

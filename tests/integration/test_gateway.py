@@ -179,6 +179,7 @@ def test_rpm_holds_across_two_router_replicas_within_the_lease_slack(gated):
     ok = [r for r in rs if r.status_code == 200]
     limited = [r for r in rs if r.status_code == 429]
     assert len(ok) + len(limited) == 60
+    print(f"\nrpm 20 over 2 routers: {len(ok)} of 60 admitted in {elapsed:.2f} s (bound {20 + elapsed / 3:.2f})")
     lease = 1  # max(1, floor(5% of 20))
     assert len(ok) <= 20 + 20 / 60 * elapsed, (len(ok), elapsed)  # never more than the bucket holds
     assert len(ok) >= 20 - lease, len(ok)  # at most one lease held back by the other router
@@ -217,7 +218,34 @@ def test_streamed_and_unary_tokens_are_counted_exactly_and_the_rest_refunded(gat
             events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
         used += events[-1]["usage"]["total_tokens"]
     time.sleep(3)  # the leases go back after 1 s idle (lease_ttl_s), swept every 0.5 s
+    print(f"\nquota: 6 requests (3 streamed) used {used} tokens; the state's level {quota_level()}")
     assert quota_level() == pytest.approx(100000 - used), used
+
+
+def test_a_killed_limits_state_degrades_to_per_process_limits_and_heals(gated):
+    import ray
+
+    base, path, _ = gated
+    secret = new_key(path, f"fault-{uuid.uuid4().hex[:6]}", "--rpm", "1000")
+    time.sleep(1)  # both routers know the key
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 1}
+    assert call(base, "POST", "/v1/completions", body, auth(secret)).status_code == 200
+    actor = ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE)
+    ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts=-1), empty
+    statuses = [call(base, "POST", "/v1/completions", body, auth(secret)).status_code for _ in range(40)]
+    assert set(statuses) == {200}, statuses  # never a 5xx: leases in hand, then per-process limits
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            levels = ray.get(ray.get_actor(ACTOR_NAME, namespace=ACTOR_NAMESPACE).stats.remote(), timeout=5)["levels"]
+            if any(k.startswith(secret.removeprefix("sk-mf-").split(".")[0]) for k in levels):
+                break  # the restarted state is leasing again
+        except Exception:
+            pass
+        call(base, "POST", "/v1/completions", body, auth(secret))
+        time.sleep(0.5)
+    else:
+        pytest.fail("the restarted rate-limit state never saw the key again")
 
 
 def test_the_openai_client_with_a_key_retries_after_retry_after(gated):
@@ -232,6 +260,7 @@ def test_the_openai_client_with_a_key_retries_after_retry_after(gated):
         out = client.completions.create(model=MODEL, prompt="def f():", max_tokens=1)
         assert out.choices and out.usage.completion_tokens == 1
     elapsed = time.monotonic() - start
+    print(f"\nopenai client: statuses {statuses}, 7 requests at rpm 6 took {elapsed:.1f} s")
     assert 429 in statuses and statuses[-1] == 200
     assert elapsed >= 5, elapsed  # it waited as told (Retry-After), rather than its own short backoff
     with pytest.raises(openai.AuthenticationError):
