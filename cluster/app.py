@@ -21,6 +21,7 @@ from ray.serve import Application
 
 from cluster.autoscaling import serve_autoscaling_config
 from cluster.config import ClusterConfig, ModelSpec
+from cluster.registry import RegistryError, ResolvedVersion, is_model_uri, open_registry
 from deployments.direct import DirectOptions
 from deployments.draft import DraftServer
 from deployments.embedding import EmbeddingServer
@@ -46,10 +47,25 @@ class ConfigError(ValueError):
     """The application's args do not validate; the message names each bad field."""
 
 
-def resolve_source(source: str) -> str:
-    """Absolute path of a model folder given relative to the working directory or to the repository."""
+def resolve_version(source: str, registry: str | None = None) -> ResolvedVersion:
+    """A ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` source, looked up in the registry; ConfigError
+    naming the unknown name, version or alias."""
+    try:
+        return open_registry(registry).resolve(source)
+    except RegistryError as err:
+        raise ConfigError(f"model source {source!r}: {err}") from None
+
+
+def resolve_source(source: str, registry: str | None = None) -> str:
+    """Absolute path of a model folder given relative to the working directory or to the repository, or of
+    the registered version a ``models:/`` source names."""
     if source.startswith("package:"):
         return source
+    if is_model_uri(source):
+        found = resolve_version(source, registry)
+        if not Path(found.source).is_dir():
+            raise ConfigError(f"model source {source!r} is {found.source}, which no longer exists")
+        return found.source
     path = Path(source).expanduser()
     for candidate in ([path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]):
         if candidate.is_dir():
@@ -91,7 +107,7 @@ def _deployment_options(m: ModelSpec) -> dict[str, Any]:
 
 def _draft_source(m: ModelSpec, models: dict[str, ModelSpec]) -> str:
     draft = m.speculative.draft if m.speculative else ""
-    return resolve_source(models[draft].source if draft in models else draft)
+    return resolve_source(models[draft].source if draft in models else draft)  # (a draft is a folder or a name)
 
 
 def _engine_options(m: ModelSpec, models: dict[str, ModelSpec] | None = None) -> dict[str, Any]:
@@ -179,8 +195,16 @@ def build(args: dict[str, Any]) -> Application:
     handles: dict[str, Any] = {}
     routes: list[ModelRoute] = []
     front = _front(cfg)
+    versions = {m.name: resolve_version(m.source, cfg.registry) for m in cfg.models if is_model_uri(m.source)}
+    if versions:  # the registry knows which versions this app serves (it refuses to delete them)
+        registry = open_registry(cfg.registry)
+        registry.unpin_app(cfg.name)
+        for served, v in versions.items():
+            registry.pin(cfg.name, served, v.model, v.version)
     for m in cfg.models:
-        source = resolve_source(m.source)
+        source = resolve_source(m.source, cfg.registry)
+        v = versions.get(m.name)
+        version, sha = (str(v.version), v.sha256) if v is not None else ("", "")
         if m.kind == "llm":
             options = _engine_options(m, by_name)
             draft = None
@@ -194,13 +218,14 @@ def build(args: dict[str, Any]) -> Application:
             direct = DirectOptions(cfg.router.direct_host, settings.limits, settings.gateway) if front else None
             handles[m.name] = LLMServer.options(**_deployment_options(m)).bind(
                 m.name, source, m.engine, options, draft, admission=m.admission.limits(),
-                retry_after_s=cfg.router.retry_after_s, direct=direct, front=front, observability=observability(cfg))
+                retry_after_s=cfg.router.retry_after_s, direct=direct, front=front, observability=observability(cfg),
+                version=version)
         else:
             handles[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source,
-                                                                                     observability(cfg))
+                                                                                     observability(cfg), version)
         on_demand = m.autoscaling is not None and m.autoscaling.min_replicas == 0
         routes.append(ModelRoute(m.name, m.kind, (Target(m.name),), on_demand=on_demand,
-                                 context_len=_context_len(m, source)))
+                                 context_len=_context_len(m, source), version=version, sha256=sha))
     r = cfg.router
     return Router.options(name=ROUTER_NAME, num_replicas=r.num_replicas, max_ongoing_requests=1024,
                           ray_actor_options={"num_cpus": r.num_cpus}).bind(handles, routes, router_settings(cfg))

@@ -110,7 +110,8 @@ class ModelSpec(_Strict):
 
     name: str = Field(pattern=_NAME)
     kind: Literal["llm", "embedding"] = "llm"
-    source: str = Field(min_length=1, description="local HF folder, or package:<module> for packaged models")
+    source: str = Field(min_length=1, description="local HF folder, package:<module> for packaged models, or a "
+                        "registered version: models:/NAME/VERSION, models:/NAME@ALIAS (python -m cluster.registry)")
     engine: Literal["native", "vllm"] = "native"
     engine_options: EngineOptions = Field(default_factory=EngineOptions)
     tensor_parallel_size: int = Field(1, ge=1, description="ranks per replica, each in its own bundle")
@@ -241,6 +242,9 @@ class ClusterConfig(_Strict):
     router: RouterSpec = Field(default_factory=RouterSpec)
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+    registry: str | None = Field(None, description="the model registry (sqlite) that models:/NAME/VERSION and "
+                                 "models:/NAME@ALIAS sources resolve in; default $MODELFLEET_REGISTRY, else "
+                                 "registry.db in the working directory")
 
     @model_validator(mode="after")
     def _unique_names(self) -> ClusterConfig:

@@ -26,7 +26,7 @@ def validate_file(path: str | Path) -> list[str]:
             continue
         cfg = parse_config(app.get("args") or {})
         for m in cfg.models:
-            resolve_source(m.source)
+            resolve_source(m.source, cfg.registry)  # a models:/ source: its name, version or alias exists
         gate = gateway(cfg)  # the key file exists and parses; CORS and Host entries are valid
         if gate.keys_file is not None:
             from deployments.gateway.keys import load

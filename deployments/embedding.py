@@ -35,10 +35,11 @@ class EmbeddingServer:
         [-0.06..., 0.02...]
     """
 
-    def __init__(self, model_name: str, source: str, observability: Observability | None = None) -> None:
+    def __init__(self, model_name: str, source: str, observability: Observability | None = None,
+                 version: str = "") -> None:
         self.model_name = model_name
         self.model = EmbeddingModel(source)
-        self.telemetry = Telemetry.start(observability or Observability(), "embedding", model_name)
+        self.telemetry = Telemetry.start(observability or Observability(), "embedding", model_name, version)
         logger.info("embedding model %s ready (%d dimensions)", model_name, self.model.dimensions)
 
     async def __del__(self) -> None:

@@ -90,8 +90,8 @@ class LLMServer:
                  engine_options: dict[str, Any] | None = None, draft: DeploymentHandle | None = None,
                  admission: AdmissionLimits | None = None, retry_after_s: float = 1.0,
                  direct: DirectOptions | None = None, front: DeploymentHandle | None = None,
-                 observability: Observability | None = None) -> None:
-        self.model_name = model_name
+                 observability: Observability | None = None, version: str = "") -> None:
+        self.model_name, self.version = model_name, version
         obs = observability or Observability()
         options = {**(engine_options or {}), "served_model_name": model_name}
         if not obs.metrics:
@@ -110,7 +110,7 @@ class LLMServer:
             metrics.watch_gpu(model_name, self.gpu.read)
         metrics.watch_restarts(model_name, lambda: int(getattr(getattr(self.engine, "_loop", None), "num_restarts",
                                                                 0) or 0))
-        self.telemetry = Telemetry.start(obs, "direct", model_name)
+        self.telemetry = Telemetry.start(obs, "direct", model_name, version)
         self._stats_task = None
         if obs.stats_interval_s > 0 and self.engine.info.engine == "native":  # vLLM logs its own line
             self._stats_task = asyncio.get_running_loop().create_task(self._log_stats(obs.stats_interval_s))

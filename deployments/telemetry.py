@@ -58,23 +58,25 @@ class Telemetry:
         True
     """
 
-    def __init__(self, config: Observability, ingress: str, model: str | None) -> None:
+    def __init__(self, config: Observability, ingress: str, model: str | None, version: str = "") -> None:
+        """``version``: the registry version this process serves ("" for a plain folder): a label on every
+        series it pushes and the version of its requests in the request log and drift."""
         self.config = config
         self.source = process_id()
         rl = config.request_log
         log = RequestLog(rl, f"{ingress}-{self.source}") if rl.enabled else None
         self.drift = DriftRecorder() if config.drift else None
-        self.observer = RequestObserver(ingress, log, self.drift)
+        self.observer = RequestObserver(ingress, log, self.drift, version)
         self.pusher: MetricsPusher | None = None
         if config.metrics:
-            labels = {"replica": self.source}
+            labels = {"replica": self.source} | ({"version": version} if version else {})
             self.pusher = MetricsPusher(self.source, labels, model, config.push_interval_s, self.drift,
                                         config.drift_windows)
 
     @classmethod
-    def start(cls, config: Observability, ingress: str, model: str | None) -> Telemetry:
+    def start(cls, config: Observability, ingress: str, model: str | None, version: str = "") -> Telemetry:
         """Make it and start pushing (needs the running event loop)."""
-        t = cls(config, ingress, model)
+        t = cls(config, ingress, model, version)
         if config.tracing.otlp_endpoint:
             tracing.setup(config.tracing)
         if t.pusher is not None:

@@ -229,6 +229,7 @@ class Router:
         """The served models (``principal``: a key's grant: only those it may use)."""
         shown = set(visible(principal, self.resolver.routes))
         data = [{"id": r.model, "object": "model", "owned_by": "modelfleet", "kind": r.kind}
+                | ({"version": r.version, "sha256": r.sha256} if r.version else {})
                 for r in self.resolver.routes.values() if r.model in shown]
         return {"object": "list", "data": data}
 
@@ -274,6 +275,7 @@ class Router:
         outcome: Outcome | None = a.outcome
         if outcome is not None:
             outcome.model = req.model  # resolved: a configured name, a bounded label
+            outcome.version = self.resolver.routes[req.model].version
             self.observer.with_body(outcome, a.body)
         ticket = self._admit_to(req.model, target)
         refused: float | None = None

@@ -107,11 +107,11 @@ class RequestObserver:
     """Records ended requests: ``modelfleet_requests_total`` and rejections, in-flight streams, the request
     log (``log``), drift counts (``drift``, a ``deployments.drift.DriftRecorder``)."""
 
-    def __init__(self, ingress: str, log: RequestLog | None = None, drift: Any = None) -> None:
-        self.ingress, self.log, self.drift = ingress, log, drift
+    def __init__(self, ingress: str, log: RequestLog | None = None, drift: Any = None, version: str = "") -> None:
+        self.ingress, self.log, self.drift, self.version = ingress, log, drift, version
 
     def begin(self, request_id: str, route: str, method: str = "POST", traceparent: str | None = None) -> Outcome:
-        out = Outcome(request_id, route, self.ingress)
+        out = Outcome(request_id, route, self.ingress, version=self.version)
         if self.log is not None and self.log.wants_content:
             out.completion = []
         if tracing.enabled():  # the span ends in end(), maybe in another task (a stream): not made current

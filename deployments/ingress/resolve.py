@@ -41,6 +41,8 @@ class ModelRoute:
     shadows: tuple[Target, ...] = ()
     on_demand: bool = False  # may sit at zero replicas (health must not wake it)
     context_len: int | None = None  # the model's max_model_len, when known (rate limits reserve by it)
+    version: str = ""  # the registry version served ("" for a plain folder source)
+    sha256: str = ""  # that version's content digest
 
 
 def choose(targets: tuple[Target, ...], key: str | None = None) -> Target:
