@@ -34,6 +34,23 @@ def closed_env(env: Mapping[str, str]) -> dict[str, str]:
     return out | {k: v for k, v in env.items() if k in out}
 
 
+def loopback_grpc() -> None:
+    """``worker_process_setup_hook`` of every Ray worker of a closed session: Ray Serve 2.60 binds each
+    replica's inter-deployment gRPC server to ``[::]:0``, hard-coded (ray/serve/_private/replica.py), the one
+    socket Ray's single-machine mode leaves open; here it binds loopback instead (callers on this machine
+    reach it at the node address, which is loopback too)."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:  # not a Serve worker's Ray, or a Ray that moved it: nothing to do
+        return
+    bind = replica.add_port_to_grpc_server
+
+    def add_port(server: object, address: str) -> int:
+        return bind(server, address.replace("[::]", "127.0.0.1", 1) if address.startswith("[::]") else address)
+
+    replica.add_port_to_grpc_server = add_port
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cluster.launch", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="a Serve config (configs/default.yaml)")
@@ -43,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray.serve.scripts import cli
 
-    ray.init(include_dashboard=args.dashboard, dashboard_host="127.0.0.1", namespace="serve")
+    ray.init(include_dashboard=args.dashboard, dashboard_host="127.0.0.1", namespace="serve",
+             runtime_env={"worker_process_setup_hook": "cluster.launch.loopback_grpc"})
     # Serve's own `serve run`, on the Ray started above (it connects to an initialized Ray as is).
     sys.exit(cli.main(args=["run", args.config], prog_name="serve", standalone_mode=True))
 
