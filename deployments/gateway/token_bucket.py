@@ -24,8 +24,39 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 
+class _Level:
+    """What buckets and windows share: a ``level`` that ``refill`` brings up to date and ``wait`` judges."""
+
+    level: float
+    capacity: float
+
+    def refill(self, now: float) -> None:
+        raise NotImplementedError
+
+    def wait(self, n: float, now: float) -> float:
+        raise NotImplementedError
+
+    def take(self, n: float, now: float) -> bool:
+        if self.wait(n, now) > 0:
+            return False
+        self.level -= n
+        return True
+
+    def take_up_to(self, n: float, now: float) -> float:
+        """As much of ``n`` as there is (at least 0): what a lease gets beyond its need."""
+        self.refill(now)
+        got = max(0.0, min(n, self.level))
+        self.level -= got
+        return got
+
+    def put(self, n: float, now: float) -> None:
+        """Give back (``n`` > 0, capped at the capacity) or charge (``n`` < 0: may go into debt)."""
+        self.refill(now)
+        self.level = min(self.capacity, self.level + n)
+
+
 @dataclass
-class Bucket:
+class Bucket(_Level):
     capacity: float
     rate: float  # per second
     level: float
@@ -48,24 +79,6 @@ class Bucket:
         if n > self.capacity or self.rate <= 0:
             return math.inf
         return (n - self.level) / self.rate
-
-    def take(self, n: float, now: float) -> bool:
-        if self.wait(n, now) > 0:
-            return False
-        self.level -= n
-        return True
-
-    def take_up_to(self, n: float, now: float) -> float:
-        """As much of ``n`` as there is (at least 0): what a lease gets beyond its need."""
-        self.refill(now)
-        got = max(0.0, min(n, self.level))
-        self.level -= got
-        return got
-
-    def put(self, n: float, now: float) -> None:
-        """Give back (``n`` > 0, capped at the capacity) or charge (``n`` < 0: may go into debt)."""
-        self.refill(now)
-        self.level = min(self.capacity, self.level + n)
 
     def reset_s(self, now: float) -> float:
         """Seconds until the bucket is full again."""
@@ -96,7 +109,7 @@ def period_end(period: str, now: float) -> float:
 
 
 @dataclass
-class Window:
+class Window(_Level):
     """A quota: ``capacity`` per period; the level refills completely at each period's end."""
 
     capacity: float
@@ -118,22 +131,6 @@ class Window:
         if self.level >= n:
             return 0.0
         return math.inf if n > self.capacity else self.ends - now
-
-    def take(self, n: float, now: float) -> bool:
-        if self.wait(n, now) > 0:
-            return False
-        self.level -= n
-        return True
-
-    def take_up_to(self, n: float, now: float) -> float:
-        self.refill(now)
-        got = max(0.0, min(n, self.level))
-        self.level -= got
-        return got
-
-    def put(self, n: float, now: float) -> None:
-        self.refill(now)
-        self.level = min(self.capacity, self.level + n)
 
     def reset_s(self, now: float) -> float:
         self.refill(now)
