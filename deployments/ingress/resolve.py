@@ -1,8 +1,9 @@
 """Model resolution: the ``model`` field of a request -> the deployment that answers it.
 
 A pure table, without Ray: the ingress holds handles by deployment name and asks ``Resolver.resolve`` which
-one to call. Today each model has one target; the table already has the shape that weighted targets
-(canary) and shadows need, with ``choose`` the place where a weighted, sticky split goes.
+one to call. A model's targets carry weights:
+``split.choose`` picks one per request, sticky per caller (weighted rendezvous hashing); shadows are the
+table's other column.
 
 Example:
     >>> r = Resolver([ModelRoute("tiny", "llm", (Target("tiny"),))])
@@ -20,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from deployments.ingress.split import choose
 from deployments.messages import ErrorInfo, ServeError
 
 Kind = Literal["llm", "embedding"]
@@ -43,11 +45,6 @@ class ModelRoute:
     context_len: int | None = None  # the model's max_model_len, when known (rate limits reserve by it)
     version: str = ""  # the registry version served ("" for a plain folder source)
     sha256: str = ""  # that version's content digest
-
-
-def choose(targets: tuple[Target, ...], key: str | None = None) -> Target:
-    """The target for one request. One target today; weighted, sticky splits replace this function."""
-    return targets[0]
 
 
 class Resolver:
