@@ -97,9 +97,8 @@ class KeyAuthenticator:
 
 
 def missing_key() -> ServeError:
-    err = ServeError(ErrorInfo(401, "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
-                               code="invalid_api_key", extra_headers=(("WWW-Authenticate", "Bearer"),)))
-    return err
+    return ServeError(ErrorInfo(401, "missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key'",
+                                code="invalid_api_key", extra_headers=(("WWW-Authenticate", "Bearer"),)))
 
 
 def forbidden(grant: Grant, model: str) -> ServeError:

@@ -125,9 +125,14 @@ class Grant:
     def may_use(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
+    def model_scope(self, model: str) -> tuple[str, Limits] | None:
+        """The first (glob, per-model limits) whose glob matches ``model``, if any."""
+        return next(((g, lim) for g, lim in self.model_limits if model and fnmatch.fnmatchcase(model, g)), None)
+
     def limits_for(self, model: str) -> Limits | None:
         """The per-model limits that apply to ``model`` (first matching glob), if any."""
-        return next((lim for glob, lim in self.model_limits if fnmatch.fnmatchcase(model, glob)), None)
+        scope = self.model_scope(model)
+        return scope[1] if scope else None
 
     @property
     def limited(self) -> bool:

@@ -159,9 +159,9 @@ class LeaseLimiter:
                 out.append(((g.key_id, scope, "tokens"), Spec("bucket", lim.tpm, lim.tpm / 60), "tokens"))
 
         add("*", g.limits)
-        glob = next((glob for glob, _ in g.model_limits if model and _matches(model, glob)), None)
-        if glob is not None:
-            add(glob, g.limits_for(model) or Limits())
+        scope = g.model_scope(model)
+        if scope is not None:
+            add(*scope)
         if g.quota is not None:
             out.append(((g.key_id, "*", "quota"), Spec("window", g.quota.tokens, period=g.quota.period), "tokens"))
         for key, spec, _ in out:
@@ -317,12 +317,6 @@ class LeaseLimiter:
         return ServeError(ErrorInfo(429, f"Rate limit reached {head} Please try again in {go_duration(wait_s)}.",
                                     type=key[2], code="rate_limit_exceeded", retry_after_s=max(wait_s, 0.001),
                                     extra_headers=headers))
-
-
-def _matches(model: str, glob: str) -> bool:
-    import fnmatch
-
-    return fnmatch.fnmatchcase(model, glob)
 
 
 __all__ = ["LeaseLimiter", "LocalState", "Reservation", "estimate", "go_duration"]
