@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from ray.serve import Application
 
 from cluster.autoscaling import serve_autoscaling_config
-from cluster.config import ClusterConfig, ModelSpec
+from cluster.config import ClusterConfig, ModelSpec, VersionAppConfig
 from cluster.registry import RegistryError, ResolvedVersion, is_model_uri, open_registry
 from deployments.direct import DirectOptions
 from deployments.draft import DraftServer
@@ -35,7 +35,7 @@ from deployments.ingress.resolve import ModelRoute, Target
 from deployments.ingress.stages import Limits
 from deployments.llm import LLMServer
 from deployments.request_log import RequestLogConfig
-from deployments.telemetry import Observability
+from deployments.telemetry import APP_VERSION, Observability
 from deployments.tracing import TracingConfig
 
 logger = logging.getLogger("ray.serve")
@@ -78,6 +78,37 @@ def parse_config(args: dict[str, Any]) -> ClusterConfig:
         return ClusterConfig.model_validate(args)
     except ValidationError as err:
         raise ConfigError(f"invalid modelfleet config: {err}") from None
+
+
+def parse_version_config(args: dict[str, Any]) -> VersionAppConfig:
+    try:
+        return VersionAppConfig.model_validate(args)
+    except ValidationError as err:
+        raise ConfigError(f"invalid modelfleet version application: {err}") from None
+
+
+def build_version(args: dict[str, Any]) -> Application:
+    """A version application: one version of one model (``VersionAppConfig``), its deployment named after the
+    model. The router reaches it by the application's name (its ``user_config``: ``versions.py``); it has no
+    HTTP route of its own (``route_prefix: null``) and is not on the direct path (the split is the router's).
+
+        applications:
+          - name: tiny-v2
+            route_prefix: null
+            import_path: cluster.app:build_version
+            args: {model: {name: tiny, source: models:/tiny/2}}
+    """
+    cfg = parse_version_config(args)
+    m = cfg.model
+    source = resolve_source(m.source, cfg.registry)
+    v = resolve_version(m.source, cfg.registry) if is_model_uri(m.source) else None
+    version, sha = (str(v.version), v.sha256) if v is not None else (APP_VERSION, "")
+    options = _deployment_options(m)
+    if m.kind == "embedding":
+        return EmbeddingServer.options(**options).bind(m.name, source, observability(cfg), version, sha)
+    return LLMServer.options(**options).bind(
+        m.name, source, m.engine, _engine_options(m, {}), None, admission=m.admission.limits(),
+        retry_after_s=cfg.retry_after_s, observability=observability(cfg), version=version, sha256=sha)
 
 
 def _deployment_options(m: ModelSpec) -> dict[str, Any]:
@@ -125,7 +156,7 @@ def _engine_options(m: ModelSpec, models: dict[str, ModelSpec] | None = None) ->
     return options
 
 
-def observability(cfg: ClusterConfig) -> Observability:
+def observability(cfg: ClusterConfig | VersionAppConfig) -> Observability:
     o = cfg.observability
     return Observability(metrics=o.metrics, push_interval_s=o.push_interval_s,
                          request_log=RequestLogConfig(**o.request_log.model_dump()), drift=o.drift,
@@ -219,10 +250,10 @@ def build(args: dict[str, Any]) -> Application:
             handles[m.name] = LLMServer.options(**_deployment_options(m)).bind(
                 m.name, source, m.engine, options, draft, admission=m.admission.limits(),
                 retry_after_s=cfg.router.retry_after_s, direct=direct, front=front, observability=observability(cfg),
-                version=version)
+                version=version, sha256=sha)
         else:
             handles[m.name] = EmbeddingServer.options(**_deployment_options(m)).bind(m.name, source,
-                                                                                     observability(cfg), version)
+                                                                                     observability(cfg), version, sha)
         on_demand = m.autoscaling is not None and m.autoscaling.min_replicas == 0
         routes.append(ModelRoute(m.name, m.kind, (Target(m.name),), on_demand=on_demand,
                                  context_len=_context_len(m, source), version=version, sha256=sha))

@@ -238,7 +238,9 @@ class ClusterConfig(_Strict):
     """The whole application: models and the router in front of them."""
 
     name: str = Field("modelfleet", pattern=_NAME)
-    models: list[ModelSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(default_factory=list, description="the router's own models; versioned ones "
+                                    "run in version applications (VersionAppConfig) named in the router's "
+                                    "user_config")
     router: RouterSpec = Field(default_factory=RouterSpec)
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
@@ -257,4 +259,27 @@ class ClusterConfig(_Strict):
         taken = {f"{m.name}-draft-server" for m in self.models} & set(names)
         if taken:
             raise ValueError(f"names ending in '-draft-server' are reserved for draft deployments: {sorted(taken)}")
+        return self
+
+
+class VersionAppConfig(_Strict):
+    """The ``args`` of a version application (``cluster.app:build_version``): one version of one model, in a
+    Serve application of its own, so that bringing it up, changing or removing it never restarts another
+    version; the router's ``user_config`` (``deployments/ingress/versions.py``) routes to it by weight.
+
+    Example:
+        >>> VersionAppConfig.model_validate({"model": {"name": "m", "source": "models/tiny-code-llama"}}).model.name
+        'm'
+    """
+
+    model: ModelSpec
+    registry: str | None = Field(None, description="as ClusterConfig.registry")
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of the replica's own 503s")
+
+    @model_validator(mode="after")
+    def _alone(self) -> VersionAppConfig:
+        if self.model.speculative is not None and self.model.speculative.placement == "separate":
+            raise ValueError("a version application runs one deployment: speculative placement 'separate' is "
+                             "not available there (use 'colocated')")
         return self

@@ -11,20 +11,38 @@ import sys
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from cluster.app import ConfigError, gateway, parse_config, resolve_source
+from cluster.app import ROUTER_NAME, ConfigError, gateway, parse_config, parse_version_config, resolve_source
+from cluster.config import ClusterConfig
+from deployments.ingress.versions import VersionTable
 
 
 def validate_file(path: str | Path) -> list[str]:
     """Validate every modelfleet application in a Serve config; returns a summary line per application."""
-    doc = yaml.safe_load(Path(path).read_text())
+    return validate_doc(yaml.safe_load(Path(path).read_text()), str(path))
+
+
+def validate_doc(doc: object, path: str = "the config") -> list[str]:
+    """``validate_file`` of a parsed config."""
     if not isinstance(doc, dict) or not isinstance(doc.get("applications"), list):
         raise ConfigError(f"{path}: not a Serve config (no 'applications' list)")
     lines = []
+    versions = {}  # version application -> (model name, kind)
+    for app in doc["applications"]:
+        if app.get("import_path") == "cluster.app:build_version":
+            v = parse_version_config(app.get("args") or {})
+            resolve_source(v.model.source, v.registry)
+            if app.get("route_prefix", "/") is not None:
+                raise ConfigError(f"version application {app.get('name')!r}: set route_prefix: null (the router "
+                                  "answers for it)")
+            versions[app.get("name", "default")] = (v.model.name, v.model.kind)
+            lines.append(f"{app.get('name', 'default')}: version of {v.model.name} ({v.model.kind}, {v.model.engine})")
     for app in doc["applications"]:
         if app.get("import_path") != "cluster.app:build":
             continue
         cfg = parse_config(app.get("args") or {})
+        lines += check_table(app, cfg, versions)
         for m in cfg.models:
             resolve_source(m.source, cfg.registry)  # a models:/ source: its name, version or alias exists
         gate = gateway(cfg)  # the key file exists and parses; CORS and Host entries are valid
@@ -38,6 +56,36 @@ def validate_file(path: str | Path) -> list[str]:
         models = ", ".join(f"{m.name} ({m.kind}, {m.engine})" for m in cfg.models)
         lines.append(f"{app.get('name', 'default')}: {models}")
     return lines
+
+
+def check_table(app: dict, cfg: ClusterConfig, versions: dict[str, tuple[str, str]]) -> list[str]:
+    """The router's version table (its user_config): valid, naming version applications of this file that
+    serve the model under the same name and kind, and no model both the router's own and versioned."""
+    table = next((d.get("user_config") for d in app.get("deployments") or []
+                  if d.get("name") == ROUTER_NAME and d.get("user_config") is not None), None)
+    if table is None:
+        return []
+    try:
+        t = VersionTable.model_validate(table)
+    except ValidationError as err:
+        raise ConfigError(f"{ROUTER_NAME} user_config (the version table): {err}") from None
+    own = {m.name for m in cfg.models}
+    out = []
+    for model, vm in t.models.items():
+        if model in own:
+            raise ConfigError(f"model {model!r} is both in models and in the version table: name it once")
+        for name in [*vm.versions, *([vm.shadow.app] if vm.shadow else [])]:
+            if name not in versions:
+                raise ConfigError(f"version table: {model!r} names application {name!r}, which is not a "
+                                  "cluster.app:build_version application of this config")
+            if versions[name] != (model, vm.kind):
+                raise ConfigError(f"version table: application {name!r} serves {versions[name][0]!r} "
+                                  f"({versions[name][1]}), not {model!r} ({vm.kind})")
+        weights = ", ".join(f"{a} {w:g}" for a, w in vm.versions.items())
+        out.append(f"{app.get('name', 'default')}: {model} -> {weights}"
+                   + (f"; shadow {vm.shadow.app} ({vm.shadow.fraction:.0%})" if vm.shadow else "")
+                   + (f"; canary analysis of {vm.analysis.canary}" if vm.analysis else ""))
+    return out
 
 
 def main(argv: list[str]) -> int:

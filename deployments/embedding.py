@@ -17,7 +17,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments.messages import ErrorInfo
-from deployments.telemetry import Observability, Telemetry
+from deployments.telemetry import Observability, Telemetry, app_version
 from parallel.embedding_model import EmbeddingModel
 
 logger = logging.getLogger("ray.serve")
@@ -36,8 +36,9 @@ class EmbeddingServer:
     """
 
     def __init__(self, model_name: str, source: str, observability: Observability | None = None,
-                 version: str = "") -> None:
-        self.model_name = model_name
+                 version: str = "", sha256: str = "") -> None:
+        self.model_name, self.version, self.sha256 = model_name, app_version(version), sha256
+        version = self.version
         self.model = EmbeddingModel(source)
         self.telemetry = Telemetry.start(observability or Observability(), "embedding", model_name, version)
         logger.info("embedding model %s ready (%d dimensions)", model_name, self.model.dimensions)
@@ -46,7 +47,8 @@ class EmbeddingServer:
         await self.telemetry.stop()
 
     async def info(self) -> dict[str, Any]:
-        return {"name": self.model_name, "dimensions": self.model.dimensions}
+        return {"name": self.model_name, "dimensions": self.model.dimensions, "version": self.version,
+                "sha256": self.sha256}
 
     @serve.batch(max_batch_size=BATCH, batch_wait_timeout_s=0.005)
     async def _embed_batch(self, texts: list[str]) -> list[tuple[list[float], int]]:

@@ -31,7 +31,7 @@ from deployments.admission import AdmissionLimits, LoadTracker, decide
 from deployments.direct import DirectListener, DirectOptions
 from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, TokenLogprob
 from deployments.stats_line import stats_line
-from deployments.telemetry import Observability, Telemetry
+from deployments.telemetry import Observability, Telemetry, app_version
 from parallel.chat_template import render_chat
 from parallel.engine_api import Engine
 from parallel.errors import (
@@ -90,8 +90,9 @@ class LLMServer:
                  engine_options: dict[str, Any] | None = None, draft: DeploymentHandle | None = None,
                  admission: AdmissionLimits | None = None, retry_after_s: float = 1.0,
                  direct: DirectOptions | None = None, front: DeploymentHandle | None = None,
-                 observability: Observability | None = None, version: str = "") -> None:
-        self.model_name, self.version = model_name, version
+                 observability: Observability | None = None, version: str = "", sha256: str = "") -> None:
+        self.model_name, self.version, self.sha256 = model_name, app_version(version), sha256
+        version = self.version
         obs = observability or Observability()
         options = {**(engine_options or {}), "served_model_name": model_name}
         if not obs.metrics:
@@ -182,7 +183,8 @@ class LLMServer:
     # ---- API --------------------------------------------------------------------------------------------
     async def info(self) -> dict[str, Any]:
         return {"name": self.model_name, "engine": self.engine.info.engine, "max_model_len": self.max_model_len,
-                "ready": self.engine.is_ready(), "direct_port": self.direct.port if self.direct else None}
+                "ready": self.engine.is_ready(), "direct_port": self.direct.port if self.direct else None,
+                "version": self.version, "sha256": self.sha256}
 
     async def stats(self) -> dict[str, Any]:
         load = self.load.snapshot()

@@ -47,6 +47,25 @@ RATE_LIMIT_LEASES = Counter("modelfleet_rate_limit_leases", "Round trips of an i
                             ["result"])
 EMBEDDING_BATCH = Histogram("modelfleet_embedding_batch_size", "Inputs per embedding forward pass.",
                             ["model_name"], buckets=BATCH_BUCKETS)
+# Shadow traffic and canary analysis (the router: deployments/ingress/mirror.py, rollout_keeper.py).
+DELTA_TOKENS = (-256, -64, -16, -4, -1, 0, 1, 4, 16, 64, 256)
+DELTA_SECONDS = (-10.0, -2.5, -1.0, -0.25, -0.05, 0.0, 0.05, 0.25, 1.0, 2.5, 10.0)
+SHADOW_REQUESTS = Counter("modelfleet_shadow_requests", "Requests copied to a shadow version, by result: mirrored, "
+                          "dropped (its queue was full), failed, compared, primary_failed (nothing to compare).",
+                          ["model_name", "version", "result"])
+SHADOW_GREEDY_PAIRS = Counter("modelfleet_shadow_greedy_pairs", "Greedy primary/shadow pairs compared, by whether "
+                              "the token ids matched exactly.", ["model_name", "version", "exact"])
+SHADOW_FIRST_DIFF = Histogram("modelfleet_shadow_first_diff_token", "Position of the first token where the shadow's "
+                              "output differs from the primary's.", ["model_name", "version"],
+                              buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+SHADOW_LENGTH_DELTA = Histogram("modelfleet_shadow_length_delta_tokens", "Shadow output tokens minus the "
+                                "primary's.", ["model_name", "version"], buckets=DELTA_TOKENS)
+SHADOW_LATENCY_DELTA = Histogram("modelfleet_shadow_latency_delta_seconds", "Shadow e2e latency minus the "
+                                 "primary's.", ["model_name", "version"], buckets=DELTA_SECONDS)
+CANARY_WEIGHT = Gauge("modelfleet_version_weight", "Traffic weight of each version of a model (after any canary "
+                      "analysis).", ["model_name", "app"])
+CANARY_DECISIONS = Counter("modelfleet_canary_decisions", "Canary-analysis decisions, by action (hold, step, "
+                           "promote, rollback).", ["model_name", "canary", "action"])
 
 # Recorded by the hub (metrics_hub.py), named here so that one list is the whole contract.
 HUB_GAUGES = {
@@ -65,7 +84,9 @@ GPU_METRICS = ("modelfleet_gpu_utilization_ratio", "modelfleet_gpu_memory_used_b
 MODELFLEET_METRIC_NAMES: frozenset[str] = frozenset(
     {"modelfleet_requests", "modelfleet_request_rejections", "modelfleet_in_flight_streams",
      "modelfleet_router_queue_seconds", "modelfleet_engine_restarts", "modelfleet_embedding_batch_size",
-     "modelfleet_rate_limit_leases",
+     "modelfleet_rate_limit_leases", "modelfleet_shadow_requests", "modelfleet_shadow_greedy_pairs",
+     "modelfleet_shadow_first_diff_token", "modelfleet_shadow_length_delta_tokens",
+     "modelfleet_shadow_latency_delta_seconds", "modelfleet_version_weight", "modelfleet_canary_decisions",
      *GPU_METRICS, *HUB_GAUGES, *HUB_COUNTERS})
 
 

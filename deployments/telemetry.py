@@ -21,6 +21,23 @@ from deployments.request_log import RequestLog, RequestLogConfig
 logger = logging.getLogger("ray.serve")
 
 
+APP_VERSION = "{app}"  # a version application of a plain folder: its version label is the application's name
+
+
+def app_version(version: str) -> str:
+    """The version label of a replica: the registry version, or (``APP_VERSION``) its Serve application's name.
+
+    Example:
+        >>> app_version("3")
+        '3'
+    """
+    if version != APP_VERSION:
+        return version
+    from ray import serve
+
+    return serve.get_replica_context().app_name
+
+
 @dataclass(frozen=True)
 class Observability:
     """Config: ``observability`` (cluster/config.py ObservabilitySpec).

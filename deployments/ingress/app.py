@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,14 +27,18 @@ from starlette.responses import JSONResponse, Response
 from deployments.gateway.auth import visible
 from deployments.gateway.settings import GatewaySettings
 from deployments.ingress.generate import REPLICA_GONE, CallPolicy, ReplicaStream, generate_whole
+from deployments.ingress.mirror import Tap, TappedStream, ended
 from deployments.ingress.observe import PREFLIGHT, Outcome
 from deployments.ingress.openapi import openapi_document
 from deployments.ingress.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from deployments.ingress.resolve import ModelRoute, Resolver
+from deployments.ingress.resolve import ModelRoute, Resolver, Target
 from deployments.ingress.responses import Shaper, embedding_response
+from deployments.ingress.rollouts import Rollouts
 from deployments.ingress.routes import chat_call, completion_call, error_response, events, parse, respond
 from deployments.ingress.shed import Shedder, Ticket
 from deployments.ingress.stages import Admitted, Incoming, Limits, Pipeline, request_id
+from deployments.ingress.traffic import Traffic
+from deployments.ingress.versions import VersionTable
 from deployments.messages import ErrorInfo, GenerateRequest, ServeError, invalid, unavailable
 from deployments.metrics_hub import hub
 from deployments.telemetry import Observability, Telemetry
@@ -69,6 +74,9 @@ def once(fn: Callable[[], None]) -> Callable[[], None]:
 class Router:
     """The HTTP ingress; Python callers use ``completions`` / ``chat`` / ``embeddings`` on its handle.
 
+    Its ``user_config`` is the version table (``versions.py``): models served by version applications, at
+    weights, with shadows and canary analysis; ``serve deploy`` of a new table reconfigures the routers only.
+
     Example:
         >>> h = serve.get_app_handle("modelfleet")
         >>> h.completions.remote({"model": "tiny-code-llama", "prompt": "def f():", "max_tokens": 8}).result()
@@ -76,22 +84,21 @@ class Router:
 
     def __init__(self, handles: dict[str, DeploymentHandle], routes: list[ModelRoute],
                  settings: RouterSettings | None = None) -> None:
-        self.handles = handles
-        self.resolver = Resolver(routes)
+        self.traffic = Traffic(routes, handles, connect=lambda deployment, app: serve.get_deployment_handle(
+            deployment, app_name=app, _check_exists=False))
         self.settings = settings or RouterSettings()
         gateway = self.settings.gateway
-        context = {r.model: r.context_len for r in routes}
         self.pipeline = Pipeline(self.settings.limits, gateway.authenticator(),
-                                 gateway.rate_limiter(lambda model: context.get(model)))
+                                 gateway.rate_limiter(self._context_len))
         self.policy = gateway.http_policy()
         if gateway.metrics == "local" and self.settings.observability.metrics:
             self._metrics_listener = asyncio.get_running_loop().create_task(self._listen_metrics())
         self.shedder = Shedder()
         self.telemetry = Telemetry.start(self.settings.observability, "router", None)
         self.observer = self.telemetry.observer
+        self.rollouts = Rollouts(self.traffic, self.settings.call, self.observer.log, self.settings.health_timeout_s)
         self._hub = None
-        self.openapi = json.dumps(openapi_document([r.model for r in routes if r.kind == "llm"],
-                                                   [r.model for r in routes if r.kind == "embedding"])).encode()
+        self._describe()
         self.routes: dict[tuple[str, str], Callable[[Admitted], Awaitable[Response]]] = {
             ("POST", "/v1/completions"): self._http_completions,
             ("POST", "/v1/chat/completions"): self._http_chat,
@@ -102,7 +109,31 @@ class Router:
             ("GET", "/metrics"): self._http_metrics,
         }
 
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """A new version table (the router's ``user_config``): weights, shadows, analyses; no replica restarts."""
+        await self.rollouts.apply(VersionTable.model_validate(config or {}))
+        self._describe()
+        logger.info("version table: %s", {m: self.traffic.weights(m) for m in self.traffic.table.models})
+
+    def _describe(self) -> None:
+        routes = self.resolver.routes.values()
+        self.openapi = json.dumps(openapi_document([r.model for r in routes if r.kind == "llm"],
+                                                   [r.model for r in routes if r.kind == "embedding"])).encode()
+
+    @property
+    def resolver(self) -> Resolver:
+        return self.traffic.resolver
+
+    @property
+    def handles(self) -> dict[str, DeploymentHandle]:
+        return self.traffic.handles
+
+    def _context_len(self, model: str) -> int | None:
+        route = self.resolver.routes.get(model)
+        return route.context_len if route is not None else None
+
     async def __del__(self) -> None:
+        await self.rollouts.close()
         await self.pipeline.close()
         await self.telemetry.stop()
 
@@ -228,22 +259,36 @@ class Router:
     def models(self, principal: Any = None) -> dict[str, Any]:
         """The served models (``principal``: a key's grant: only those it may use)."""
         shown = set(visible(principal, self.resolver.routes))
-        data = [{"id": r.model, "object": "model", "owned_by": "modelfleet", "kind": r.kind}
-                | ({"version": r.version, "sha256": r.sha256} if r.version else {})
-                for r in self.resolver.routes.values() if r.model in shown]
+        data = []
+        for r in self.resolver.routes.values():
+            if r.model not in shown:
+                continue
+            entry = {"id": r.model, "object": "model", "owned_by": "modelfleet", "kind": r.kind}
+            if r.version:
+                entry |= {"version": r.version, "sha256": r.sha256}
+            data.append(entry | self.traffic.listing(r.model))
         return {"object": "list", "data": data}
 
     def ingress_stats(self) -> dict[str, Any]:
-        """This router replica's own counts: requests in flight per model deployment, requests shed here."""
+        """This router replica's own counts: requests in flight per model deployment (``app/model`` for a
+        version application's), requests shed here."""
         return {"in_flight": dict(self.shedder.in_flight), "shed": self.shedder.shed}
+
+    def traffic_status(self) -> dict[str, Any]:
+        """Each versioned model's versions as this router replica sees them (weight, ready, in flight)."""
+        flight = self.shedder.in_flight
+        return {m: [v | {"in_flight": flight.get(Target(m, 1.0, v["app"]).key, 0)}
+                    for v in self.traffic.describe(m)] for m in self.traffic.table.models}
 
     async def health(self) -> dict[str, Any]:
         """Ready only when every model (but those that may sit at zero replicas) has a ready replica."""
         routes = [r for r in self.resolver.routes.values() if not r.on_demand]
 
         async def probe(route: ModelRoute) -> bool:
+            if route.model in self.traffic.table.models:  # the version loop probes those every second
+                return self.traffic.ready.get(self.traffic.choose(route.model, route.kind).key, False)
             try:
-                info = await asyncio.wait_for(self.handles[route.targets[0].deployment].info.remote(),
+                info = await asyncio.wait_for(self.handles[route.targets[0].key].info.remote(),
                                               timeout=self.settings.health_timeout_s)
                 return bool(info.get("ready", True))
             except Exception:  # timeout, a dead replica, none yet: not ready, whatever the reason
@@ -270,24 +315,38 @@ class Router:
 
     async def _generate(self, req: Any, gen: GenerateRequest, shaper: Shaper,
                         a: Admitted) -> dict[str, Any] | AsyncIterator:
-        target = self.resolver.resolve(req.model, "llm", key=req.user, principal=a.principal).deployment
-        handle = self.handles[target]
+        started = time.monotonic()
+        caller = self.traffic.caller(req.model, req.user, a.headers)
+        t = self.traffic.choose(req.model, "llm", key=caller, principal=a.principal)
+        handle = self.handles[t.key]
         outcome: Outcome | None = a.outcome
         if outcome is not None:
             outcome.model = req.model  # resolved: a configured name, a bounded label
-            outcome.version = self.resolver.routes[req.model].version
+            outcome.version = self.traffic.version_of(t) if t.app else self.resolver.routes[req.model].version
+            if t.app:
+                outcome.response_headers["x-modelfleet-version"] = outcome.version
             self.observer.with_body(outcome, a.body)
-        ticket = self._admit_to(req.model, target)
+        listeners, first = self.rollouts.listeners(req.model, t, gen, started) if t.app else ([], None)
+        tap: Tap | None = Tap(None, listeners) if listeners else None
+        ticket = self._admit_to(req.model, t.key)
         refused: float | None = None
         try:
             if not req.streaming:
-                chunks = await generate_whole(handle, gen, self.settings.call)
+                chunks = await generate_whole(handle, gen, self.settings.call, first)
                 if outcome is not None:
                     for c in chunks:
                         outcome.chunk(c)
+                if tap is not None:
+                    for c in chunks:
+                        tap.add(c)
+                    tap.finish("ok")
                 return shaper.whole(chunks)
             stream: Any = ReplicaStream(handle, gen, self.settings.call)
             await stream.start()  # refusals (400, 503...) surface here, as a status, before the stream starts
+            if first is not None:
+                first()
+            if tap is not None:
+                stream, tap = TappedStream(stream, tap), None  # the stream's end tells the listeners
             leave = functools.partial(self.shedder.leave, ticket)
             if outcome is not None:
                 stream = self.observer.watch(stream, outcome)
@@ -303,8 +362,12 @@ class Router:
         except ServeError as err:
             if err.info.code == "overloaded":
                 refused = err.info.retry_after_s or self.settings.call.retry_after_s
+            if tap is not None:
+                tap.finish(ended(err.info.status))
             raise
         finally:
+            if tap is not None:
+                tap.finish("cancelled")  # (no-op once finished) cancelled, or a bug: not the version's error
             if ticket is not None:
                 self.shedder.leave(ticket, refused)
 
@@ -312,8 +375,7 @@ class Router:
                           principal: Any = None) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
 
-        handle = self.handles[self.resolver.resolve(req.model, "embedding", key=req.user, principal=principal)
-                              .deployment]
+        handle = self.handles[self.traffic.choose(req.model, "embedding", key=req.user, principal=principal).key]
         if outcome is not None:
             outcome.model = req.model
         policy = self.settings.call

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,12 +131,15 @@ def loop_deadline(deadline: float | None) -> float | None:
     return asyncio.get_running_loop().time() + (deadline - time.time())
 
 
-async def generate_whole(handle: DeploymentHandle, request: GenerateRequest, policy: CallPolicy) -> list[Chunk]:
+async def generate_whole(handle: DeploymentHandle, request: GenerateRequest, policy: CallPolicy,
+                         first: Callable[[], None] | None = None) -> list[Chunk]:
     """All chunks of a unary request. Nothing has reached the client yet, so a replica death anywhere is
-    retried once as a whole."""
+    retried once as a whole. ``first``: called when the first chunk arrives (its time is the TTFT)."""
     for attempt in (1, 2):
         stream = ReplicaStream(handle, request, policy)
         chunks = [await stream.start()]
+        if first is not None:
+            first()
         async for item in stream.rest():
             if isinstance(item, ErrorInfo):
                 if item.code in RETRYABLE_CODES and attempt == 1:

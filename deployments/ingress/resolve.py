@@ -29,10 +29,17 @@ Kind = Literal["llm", "embedding"]
 
 @dataclass(frozen=True)
 class Target:
-    """A deployment that serves (one version of) a model."""
+    """A deployment that serves (one version of) a model: in the router's own application (``app`` None) or
+    in a version application of its own (``versions.py``), where the deployment is named after the model."""
 
     deployment: str
     weight: float = 1.0
+    app: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Unique among the router's targets (two versions share a deployment name, not an application)."""
+        return f"{self.app}/{self.deployment}" if self.app else self.deployment
 
 
 @dataclass(frozen=True)
@@ -68,4 +75,4 @@ class Resolver:
         return choose(self.route(model, kind, principal).targets, key)
 
     def deployments(self) -> set[str]:
-        return {t.deployment for r in self.routes.values() for t in (*r.targets, *r.shadows)}
+        return {t.key for r in self.routes.values() for t in (*r.targets, *r.shadows)}

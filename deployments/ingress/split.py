@@ -31,8 +31,10 @@ from typing import Protocol
 
 
 class Target(Protocol):  # resolve.Target (no import: resolve uses this module)
-    deployment: str
     weight: float
+
+    @property
+    def key(self) -> str: ...
 
 
 def _unit(key: str, name: str) -> float:
@@ -50,4 +52,4 @@ def choose(targets: Sequence[Target], key: str | None = None, rng: random.Random
         return live[0]
     if key is None:
         return (rng or random).choices(live, weights=[t.weight for t in live])[0]
-    return max(live, key=lambda t: -t.weight / math.log(_unit(key, t.deployment)))
+    return max(live, key=lambda t: -t.weight / math.log(_unit(key, t.key)))

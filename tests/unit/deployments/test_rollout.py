@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import doctest
 
-from cluster import rollout
-from cluster.rollout import AnalysisPolicy, RolloutState, VersionStats, decide, error_z
+from deployments.ingress import rollout
+from deployments.ingress.rollout import AnalysisPolicy, RolloutState, VersionStats, decide, error_z
 
 P = AnalysisPolicy(min_requests=100, max_wait_s=300, steps=(10.0, 25.0, 50.0, 100.0))
 GOOD = VersionStats(2000, 10, 0.200, None)

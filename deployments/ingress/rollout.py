@@ -1,8 +1,9 @@
 """Automated canary analysis: a pure policy that steps a canary's weight up, promotes it, or rolls it back.
 
 Like ``cluster/autoscaling.py``: ``decide(policy, state, primary, canary, now) -> (Decision, state)``, no Ray,
-no clock of its own. The caller (the router, later) feeds each version's counts *since the current step
-began* and applies the decision; every decision carries its reason for the log and a metric.
+no clock of its own. The caller (``rollout_keeper.py``, one analysis per model for the whole cluster) feeds each
+version's counts *since the current step began* and applies the decision; every decision carries its reason
+for the log and a metric.
 
 An analysis runs once the canary has ``min_requests`` requests at its step, or ``max_wait_s`` passed with at
 least one. It compares the canary with the primary (the practice of Kayenta / Argo Rollouts analysis: the
