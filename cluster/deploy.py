@@ -205,8 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(yaml.safe_dump(render(doc)[0], sort_keys=False))
             return 0
+        import os
+
         import ray
 
+        if args.address == "auto":  # this machine's cluster: make serve's is closed (loopback, token auth)
+            from cluster.launch import closed_env
+
+            os.environ.update(closed_env(os.environ))
         ray.init(address=args.address, namespace="serve", log_to_driver=False)
         moves = deploy(doc, Cluster(), args.timeout_s)
         print(f"deployed {args.config}" + (f"; moved {moves}" if moves else ""))

@@ -37,7 +37,8 @@ from deployments.ingress.versions import VersionTable
 from deployments.messages import GenerateRequest
 
 logger = logging.getLogger("ray.serve")
-PROBE_EVERY_S = 1.0
+PROBE_EVERY_S = 1.0  # a version not ready yet: every second (a blue/green move waits on it)
+READY_EVERY = 10  # a ready one: every 10th round (each probe is a logged call on its replica)
 
 
 class Rollouts:
@@ -95,7 +96,7 @@ class Rollouts:
     async def _loop(self) -> None:
         while True:
             try:
-                await self.traffic.probe(self.probe_timeout_s)
+                await self.traffic.probe(self.probe_timeout_s, READY_EVERY)
                 await self._analyse()
             except asyncio.CancelledError:
                 raise

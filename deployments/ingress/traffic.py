@@ -54,6 +54,7 @@ class Traffic:
         self.ready: dict[str, bool] = {}  # target key -> its replicas answered ready at the last probe
         self.info: dict[str, dict[str, Any]] = {}  # target key -> the replica's info (version, sha256, ...)
         self.last: dict[str, tuple[Target, ...]] = {}  # model -> the ready targets it last routed to
+        self._probes = 0
         self.resolver = Resolver(self.fixed.values())
 
     # ---- the table ----------------------------------------------------------------------------------------
@@ -147,8 +148,11 @@ class Traffic:
         return [t for m in self.table.models for t in (*self.resolver.routes[m].targets,
                                                         *self.resolver.routes[m].shadows)]
 
-    async def probe(self, timeout_s: float) -> None:
-        """Ask every versioned target whether its replicas are ready (concurrently, each bounded)."""
+    async def probe(self, timeout_s: float, ready_every: int = 1) -> None:
+        """Ask every versioned target whether its replicas are ready (concurrently, each bounded); one that
+        is ready only every ``ready_every``-th call (a failing call to it is seen anyway)."""
+        self._probes += 1
+
         async def one(t: Target) -> None:
             try:
                 info = await asyncio.wait_for(self.handles[t.key].info.remote(), timeout=timeout_s)
@@ -159,7 +163,8 @@ class Traffic:
                 self.handles[t.key] = self.connect(t.deployment, t.app or "")
             self.mark_ready(t.key, info if isinstance(info, dict) else None)
 
-        await asyncio.gather(*(one(t) for t in self.versioned_targets()))
+        due = [t for t in self.versioned_targets() if not self.ready.get(t.key) or self._probes % ready_every == 0]
+        await asyncio.gather(*(one(t) for t in due))
 
     # ---- what /v1/models and the deploy tool see -----------------------------------------------------------
     def describe(self, model: str) -> list[dict[str, Any]]:
