@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import sys
 import time
@@ -193,28 +194,31 @@ def _pin(rendered: dict[str, Any], moves: dict[str, str], say: Callable[[str], N
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m cluster.deploy", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="a Serve config")
-    p.add_argument("--address", default="auto", help="the Ray cluster (default: the local one)")
+    p.add_argument("--address", default="auto", help="the Ray cluster (default: this machine's)")
     p.add_argument("--timeout-s", type=float, default=900.0, help="per phase")
     p.add_argument("--dry-run", action="store_true", help="print the configs it would apply, apply nothing")
     args = p.parse_args(argv)
+    if args.address == "auto" or args.address.startswith(("127.", "localhost")):
+        # this machine's cluster: make serve's is closed (loopback, token auth). Ray reads these when it is
+        # imported, so a process without them starts again with them (the caller's environment wins).
+        from cluster.launch import closed_env
+
+        env = closed_env(os.environ)
+        if any(os.environ.get(k) != v for k, v in env.items()):
+            os.execve(sys.executable, [sys.executable, "-m", "cluster.deploy", *argv], {**os.environ, **env})
     try:
         with open(args.config) as f:
             doc = yaml.safe_load(f)
         if args.dry_run:
             print(yaml.safe_dump(render(doc)[0], sort_keys=False))
             return 0
-        import os
-
         import ray
 
-        if args.address == "auto":  # this machine's cluster: make serve's is closed (loopback, token auth)
-            from cluster.launch import closed_env
-
-            os.environ.update(closed_env(os.environ))
         ray.init(address=args.address, namespace="serve", log_to_driver=False)
-        moves = deploy(doc, Cluster(), args.timeout_s)
+        moves = deploy(doc, Cluster(), args.timeout_s, say=lambda line: print(line, flush=True))
         print(f"deployed {args.config}" + (f"; moved {moves}" if moves else ""))
         return 0
     except (ConfigError, OSError, yaml.YAMLError, TimeoutError) as err:

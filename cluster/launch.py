@@ -63,7 +63,28 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(include_dashboard=args.dashboard, dashboard_host="127.0.0.1", namespace="serve",
              runtime_env={"worker_process_setup_hook": "cluster.launch.loopback_grpc"})
     # Serve's own `serve run`, on the Ray started above (it connects to an initialized Ray as is).
-    sys.exit(cli.main(args=["run", args.config], prog_name="serve", standalone_mode=True))
+    sys.exit(cli.main(args=["run", pinned(args.config)], prog_name="serve", standalone_mode=True))
+
+
+def pinned(config: str) -> str:
+    """``config``, or where version applications name an alias, the config with each pinned to the version
+    it names now (``cluster.deploy.render``: application ``APP-vN``), so that a later ``python -m
+    cluster.deploy`` after an alias move finds the old version by its name and moves blue/green."""
+    import tempfile
+
+    import yaml
+
+    from cluster.deploy import render
+
+    with open(config) as f:
+        rendered, renamed = render(yaml.safe_load(f))
+    if not renamed:
+        return config
+    out = tempfile.NamedTemporaryFile("w", prefix="modelfleet-", suffix=".yaml", delete=False)  # noqa: SIM115
+    with out:
+        yaml.safe_dump(rendered, out, sort_keys=False)
+    print(f"serving {config} with versions pinned: {renamed} ({out.name})", file=sys.stderr)
+    return out.name
 
 
 if __name__ == "__main__":
