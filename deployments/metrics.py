@@ -10,6 +10,10 @@ The names here are the contract of the Grafana dashboard (``cluster/dashboard.py
     or direct replica)  modelfleet_request_rejections_total{model_name, reason}
                         modelfleet_in_flight_streams{model_name, ingress}
                         modelfleet_rate_limit_leases_total{result}   (round trips to the limits state)
+    router (versioned   modelfleet_shadow_requests_total{model_name, version, result}
+    models)             modelfleet_shadow_greedy_pairs_total{model_name, version, exact}
+                        modelfleet_shadow_first_diff_token / _length_delta_tokens / _latency_delta_seconds
+                        modelfleet_version_weight{model_name, app}, modelfleet_canary_decisions_total{..., action}
     model replica       modelfleet_router_queue_seconds{model_name}   (admission -> the replica starts it)
                         modelfleet_engine_restarts_total{model_name}
                         modelfleet_gpu_utilization_ratio / _gpu_memory_used_bytes{model_name} (NVML only)

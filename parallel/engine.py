@@ -169,6 +169,14 @@ class LLMEngine:
         if bad:
             raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad[:5]}",
                                       param="stop_token_ids")
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                                      param="logit_bias")
+        if params.processed and self.config.speculative.enabled:
+            raise InvalidRequestError("logit_bias and the presence, frequency and repetition penalties are not "
+                                      "available with speculative decoding", param="logit_bias" if params.logit_bias
+                                      else "presence_penalty", code="unsupported_parameter")
         needed = min(len(ids) + params.max_tokens, self.max_model_len)
         capacity = self.num_blocks * self.config.cache.block_size
         if needed > capacity:

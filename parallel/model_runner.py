@@ -13,6 +13,7 @@ import torch
 from parallel.compiled import ModelForward
 from parallel.layers.attention import AttentionMetadata, PrefillSeq
 from parallel.models.llama import LlamaArgs, LlamaForCausalLM
+from parallel.penalties import History
 from parallel.sampler import Sampler, logprob_entry
 from parallel.sampling_params import SamplingParams
 from parallel.speculative import DraftWork, Proposer, verify
@@ -53,6 +54,7 @@ class ModelRunner:
             self.kv_caches.append(attn.kv_cache)
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(seed))
         self._generators: dict[str, torch.Generator] = {}
+        self._histories: dict[str, History] = {}  # requests with penalties: their tokens so far
 
     def add_request(self, request_id: str, params: SamplingParams) -> None:
         """Create the request's own resources now, at admission, so whatever can fail (a seed torch refuses)
@@ -72,6 +74,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         for request_id in out.finished_request_ids:
             self._generators.pop(request_id, None)
+            self._histories.pop(request_id, None)
             if self.proposer is not None:
                 self.proposer.forget(request_id)
         if not out.scheduled:
@@ -82,6 +85,9 @@ class ModelRunner:
         rows: list[int] = []  # logits rows: the last 1 + num_draft positions of each sampled request
         for s in out.scheduled:
             ids.extend(s.token_ids)
+            if s.params.penalized:  # (never with drafts: the engine refuses penalties with speculation)
+                self._histories.setdefault(s.request_id, History()).update(s.start_pos, s.token_ids,
+                                                                           s.num_prompt_tokens)
             if s.sample:
                 rows.extend(range(len(ids) - 1 - s.num_draft, len(ids)))
         hidden = self.forward(ids, [(s.start_pos, len(s.token_ids), s.block_table) for s in out.scheduled])
@@ -109,8 +115,9 @@ class ModelRunner:
         gets exactly the token the batched draw would have given it."""
         params = [s.params for s in sampled]
         seeded = {rid: g.get_state() for rid, g in gens.items() if g is not None}
+        histories = [self._histories.get(s.request_id) for s in sampled] if self._histories else None
         try:
-            tokens, lps = self.sampler(logits, params, [gens[s.request_id] for s in sampled])
+            tokens, lps = self.sampler(logits, params, [gens[s.request_id] for s in sampled], histories)
         except Exception as batch_err:
             logger.exception("batched sampling of %d requests failed: sampling them one by one", len(sampled))
             for rid, state in seeded.items():
@@ -118,7 +125,8 @@ class ModelRunner:
             tokens, lps = [], []
             for i, s in enumerate(sampled):
                 try:
-                    (t,), (e,) = self.sampler(logits[i:i + 1], [s.params], [gens[s.request_id]])
+                    (t,), (e,) = self.sampler(logits[i:i + 1], [s.params], [gens[s.request_id]],
+                                              [self._histories.get(s.request_id)])
                 except Exception as err:
                     logger.exception("sampling request %s failed", s.request_id)
                     failed[s.request_id] = f"sampling failed: {type(err).__name__}: {err}"

@@ -1,4 +1,5 @@
-"""Per-request sampling from a batch of logits: greedy, temperature, top-k, top-p, seeds, logprobs.
+"""Per-request sampling from a batch of logits: logit_bias and penalties (``penalties.py``), greedy,
+temperature, min-p, top-k, top-p, seeds, logprobs (of the raw logits, as vLLM v1 returns them by default).
 
 Sampling uses the exponential-race form of the Gumbel-max trick: argmax_i p_i / E_i with E_i ~ Exp(1) draws
 i with probability p_i. Each seeded request draws its E from its own generator, one vector per token, so its
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from parallel.penalties import History, apply_min_p, process
 from parallel.sampling_params import SamplingParams
 
 
@@ -51,6 +53,8 @@ class Sampler:
         logits = logits.float()
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
         logits = logits / temps[:, None]
+        if any(p.min_p > 0 for p in params):
+            logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=logits.device))
         top_k = torch.tensor([p.effective_top_k for p in params], device=logits.device)
         top_p = torch.tensor([p.top_p for p in params], device=logits.device, dtype=logits.dtype)
         if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
@@ -75,10 +79,13 @@ class Sampler:
         return (probs / self.race(probs.shape[0], probs.shape[1], generators, probs.device)).argmax(dim=-1)
 
     def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                 generators: Sequence[torch.Generator | None]) -> tuple[list[int], list[dict[int, float] | None]]:
+                 generators: Sequence[torch.Generator | None], histories: Sequence[History | None] | None = None
+                 ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """``histories``: each row's tokens so far, for its penalties (None: no row has any)."""
         logits = logits.float()
         want_lp = [p.logprobs is not None for p in params]
         raw_logprobs = logits.log_softmax(dim=-1) if any(want_lp) else None
+        logits = process(logits, params, histories or [None] * len(params))
         tokens = logits.argmax(dim=-1)
         sample_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sample_rows:

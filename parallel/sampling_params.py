@@ -17,6 +17,10 @@ INT32_MAX = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch.Generator.manual_seed's signed 64-bit range
 MAX_TEMPERATURE = 1e4  # beyond this every distribution is uniform to float32 precision anyway
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound
+MAX_PENALTY = 2.0  # OpenAI's presence_penalty / frequency_penalty range is [-2, 2]
+MAX_REPETITION_PENALTY = 100.0  # vLLM takes any > 0; beyond this a logit is scaled to nothing anyway
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound per token
+MAX_LOGIT_BIAS_TOKENS = 1024
 
 
 def _is_int(value: Any) -> bool:
@@ -60,11 +64,23 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     n: int = field(default=1)
+    # Logits processing (vLLM's SamplingParams names and semantics; parallel/sampler.py cites the formulas)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is accepted
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         # Accept lists / a single string for convenience, store tuples so the object stays hashable and frozen.
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else _as_tuple(self.logit_bias,
+                                                                                             "logit_bias")
+        try:
+            object.__setattr__(self, "logit_bias", tuple(sorted((t, b) for t, b in bias)))
+        except (TypeError, ValueError):
+            raise _bad("logit_bias", "must map token ids to numbers") from None
         self._validate()
 
     def _validate(self) -> None:
@@ -89,12 +105,38 @@ class SamplingParams:
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, f"must be a boolean, got {getattr(self, name)!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_real(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise _bad(name, f"must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
+        r = self.repetition_penalty
+        if not _is_real(r) or not 0 < r <= MAX_REPETITION_PENALTY:
+            raise _bad("repetition_penalty", f"must be a number in (0, {MAX_REPETITION_PENALTY:g}], got {r!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS or any(
+                not _is_int(t) or not 0 <= t <= INT32_MAX or not _is_real(b) or not abs(b) <= MAX_LOGIT_BIAS
+                for t, b in self.logit_bias):
+            raise _bad("logit_bias", f"must map at most {MAX_LOGIT_BIAS_TOKENS} token ids to numbers in "
+                       f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            raise _bad("logit_bias", "names a token id twice")
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise _bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
         if self.n != 1:
             raise _bad("n", f"must be 1 (parallel sampling is not supported), got {self.n!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the request's token history (presence, frequency or repetition penalty)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def processed(self) -> bool:
+        """Whether its logits change before sampling (penalties or logit_bias)."""
+        return self.penalized or bool(self.logit_bias)
 
     @property
     def effective_top_k(self) -> int:

@@ -150,7 +150,7 @@ class Scheduler:
             token_ids=tuple(r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + real]) + drafts,
             start_pos=r.num_computed_tokens, block_table=tuple(r.block_table),
             sample=r.num_computed_tokens + real == r.num_tokens, params=r.params,
-            num_draft=len(drafts), resumed=resumed)
+            num_draft=len(drafts), resumed=resumed, num_prompt_tokens=r.num_prompt_tokens)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)

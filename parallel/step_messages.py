@@ -26,6 +26,7 @@ class ScheduledRequest:
     params: SamplingParams
     num_draft: int = 0  # the last num_draft token ids are speculative proposals for the target to verify
     resumed: bool = False  # first step since (re)admission: per-request device state starts over here
+    num_prompt_tokens: int = 0  # the request's prompt length (its penalties tell prompt from output tokens)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,9 @@ def to_vllm_params(params: SamplingParams, vocab_size: int) -> Any:
         seed=seed, max_tokens=params.max_tokens, stop=list(params.stop) or None,
         stop_token_ids=list(params.stop_token_ids) or None, ignore_eos=params.ignore_eos,
         logprobs=params.logprobs, min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens,
-        include_stop_str_in_output=params.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA)
+        include_stop_str_in_output=params.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias) or None, min_p=params.min_p)
 
 
 def _speculative_config(options: dict[str, Any]) -> dict[str, Any] | None:
@@ -233,6 +235,10 @@ class VllmEngine:
         if bad:
             raise InvalidRequestError(f"stop_token_ids must be in [0, {self.vocab_size}), got {bad[:5]}",
                                       param="stop_token_ids")
+        bad = [t for t, _ in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
+                                      param="logit_bias")
         if self.llm.errored:
             raise EngineDeadError(f"vLLM engine failed: {self.llm.dead_error!r}")
         finished, n_out, first = False, 0, True

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.messages import ChatTurn, invalid
 from parallel.sampling_params import SamplingParams
@@ -37,9 +37,7 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_ID
 
 # field -> neutral values accepted (anything else is refused: not implemented yet)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
-    "repetition_penalty": (None, 1, 1.0),
-    "logit_bias": (None, {}), "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
     "tools": (None, []), "tool_choice": (None, "auto", "none"), "functions": (None, []),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False), "audio": (None,), "modalities": (None, ["text"]),
@@ -83,12 +81,13 @@ class _SamplingFields(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)  # for stickiness and audit, never for the output
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    repetition_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=100)  # vLLM's extra
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
+    min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extra
 
-    REFUSED: ClassVar[tuple[str, ...]] = ("frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias")
+    REFUSED: ClassVar[tuple[str, ...]] = ()
 
     @property
     def streaming(self) -> bool:
@@ -113,7 +112,22 @@ class _SamplingFields(_Strict):
             seed=self.seed, stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=bool(self.ignore_eos), logprobs=logprobs, min_tokens=self.min_tokens or 0,
             skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
-            include_stop_str_in_output=bool(self.include_stop_str_in_output))
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            logit_bias=self._bias(), min_p=self.min_p or 0.0)
+
+    def _bias(self) -> dict[int, float]:
+        return {int(k): b for k, b in (self.logit_bias or {}).items()}
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        """OpenAI's logit_bias: token ids as JSON object keys (strings), one spelling each."""
+        for key in v or {}:
+            if not key.isascii() or not key.isdigit() or len(key) > 10 or key != str(int(key)) or int(key) > INT32:
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
+        return v
 
     @model_validator(mode="after")
     def _refuse(self) -> _SamplingFields:

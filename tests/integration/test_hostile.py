@@ -80,8 +80,11 @@ def hostile_cases() -> list[tuple[str, str, dict | bytes, dict[str, str], int, s
         ("max_tokens past context", "/v1/completions", {"prompt": "x", "max_tokens": 2**31 - 1}, {}, 400,
          "max_tokens"),
     ]
-    for field, value in [("logit_bias", {"1": 5}), ("presence_penalty", 1.0), ("frequency_penalty", 1.0),
-                         ("best_of", 2), ("suffix", "x"), ("echo", True)]:
+    for field, value in [("logit_bias", {"1": 500}), ("logit_bias", {"1000000000": 1}), ("presence_penalty", 3.0),
+                         ("repetition_penalty", -1), ("min_p", 2)]:
+        body = {"prompt": [1, 2], "max_tokens": 2, field: value}
+        cases.append((f"out of range {field} {value}", "/v1/completions", body, {}, 400, field))
+    for field, value in [("best_of", 2), ("suffix", "x"), ("echo", True)]:
         body = {"prompt": [1, 2], "max_tokens": 2, field: value}
         cases.append((f"unsupported {field}", "/v1/completions", body, {}, 400, field))
     for field, value in [("response_format", {"type": "json_object"}),

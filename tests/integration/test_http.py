@@ -48,6 +48,25 @@ def test_both_engines_agree_greedy(client):
     assert texts[0] == texts[1]
 
 
+@pytest.mark.parametrize("settings", [
+    {"presence_penalty": 1.5}, {"frequency_penalty": 1.0}, {"repetition_penalty": 1.3},
+    {"presence_penalty": -0.5, "frequency_penalty": 0.7, "repetition_penalty": 0.8},
+    {"logit_bias": {"13": 5.0, "100": -100}}, {"min_p": 0.3, "presence_penalty": 0.4},
+])
+def test_penalties_and_logit_bias_greedy_equal_to_vllms(client, settings):
+    """The same model and settings on both engines: vLLM's own penalties and ours give the same greedy text
+    (and differ from the unpenalised text, so the setting did something)."""
+    def run(model: str, extra: dict) -> str:
+        r = client.post("/v1/completions", json={"model": model, "prompt": CODE, "max_tokens": 32, "temperature": 0,
+                                                 "ignore_eos": True} | extra)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    native, vllm = run("native", settings), run("vllm", settings)
+    assert native == vllm
+    assert native != run("native", {})
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_streamed_completion_concatenates_to_unary(client, engine):
     req = {"model": engine, "prompt": CODE, "max_tokens": 32, "temperature": 0, "ignore_eos": True}

@@ -128,3 +128,35 @@ def test_serve_run_reports_an_invalid_config_with_the_field(temp_dir):
         text = _stop(proc)
     # Ray's CLI keeps running after a failed deploy; the message must be there, naming the field.
     assert "invalid modelfleet config" in text and "models.0.engine" in text, text[-3000:]
+
+
+@pytest.mark.parametrize("name", ["canary.yaml", "shadow.yaml"])
+def test_serve_run_of_the_rollout_configs(temp_dir, name):
+    """configs/canary.yaml and configs/shadow.yaml with plain `serve run`: one model in two version
+    applications; the canary answers some callers, the shadow only compares."""
+    port = free_port()
+    config = Path(temp_dir) / name
+    config.write_text((REPO / "configs" / name).read_text().replace("port: 8000", f"port: {port}"))
+    proc = _start(config, temp_dir)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_healthy(base, 300, alive=lambda: proc.poll() is None):
+            pytest.fail(f"serve run did not become healthy:\n{_stop(proc)[-3000:]}")
+        models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
+        assert [m["id"] for m in models].count("tiny-code-llama") == 1
+        seen: set[str] = set()
+        deadline, i = time.monotonic() + 120, 0
+        while time.monotonic() < deadline and len(seen) < 2:
+            i += 1
+            r = httpx.post(f"{base}/v1/completions", timeout=60, json={
+                "model": "tiny-code-llama", "prompt": "def f():", "max_tokens": 4, "temperature": 0,
+                "user": f"user-{i}"})
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-modelfleet-version"])
+            if name == "shadow.yaml" and any(line.startswith("modelfleet_shadow_requests_total{")
+                                             and 'result="compared"' in line
+                                             for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines()):
+                seen.add("compared")  # a mirrored pair was compared (the client got v1's answer alone)
+        assert seen == ({"tiny-v1", "tiny-v2"} if name == "canary.yaml" else {"tiny-v1", "compared"}), seen
+    finally:
+        _stop(proc)

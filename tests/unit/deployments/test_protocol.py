@@ -25,7 +25,8 @@ def refused(model, body) -> tuple[int, str | None]:
     (CompletionRequest, {**BASE, "max_tokens": "many"}, "invalid_type"),
     (CompletionRequest, {"prompt": "x"}, "missing_required_parameter"),
     (CompletionRequest, {**BASE, "some_new_field": 1}, "unknown_parameter"),
-    (CompletionRequest, {**BASE, "logit_bias": {"5": 10}}, "unsupported_parameter"),
+    (CompletionRequest, {**BASE, "best_of": 3}, "unsupported_parameter"),
+    (CompletionRequest, {**BASE, "logit_bias": {"x": 10}}, "invalid_value"),
     (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "unsupported_content"),
 ])
@@ -40,7 +41,10 @@ def test_refusals_carry_openais_code(model, body, code):
     ("max_tokens", 0), ("max_tokens", 2**40), ("temperature", 2.5), ("temperature", "nan"), ("top_p", 0),
     ("logprobs", 21), ("min_tokens", -1), ("stop", ["a"] * 17), ("stop", [""]), ("stop_token_ids", [-1]),
     ("stop_token_ids", [2**40]), ("n", 2), ("prompt", []), ("prompt", ""), ("prompt", [[1], [2]]),
-    ("prompt", [-1]), ("user", "u" * 300),
+    ("prompt", [-1]), ("user", "u" * 300), ("presence_penalty", 2.5), ("frequency_penalty", -3),
+    ("repetition_penalty", 0), ("repetition_penalty", 101), ("min_p", 1.5), ("logit_bias", {"x": 1}),
+    ("logit_bias", {"01": 1}), ("logit_bias", {"1": 101}), ("logit_bias", {"99999999999": 1}),
+    ("logit_bias", {str(i): 1 for i in range(1025)}),
 ])
 def test_out_of_range_is_400_naming_the_field(field, value):
     status, param = refused(CompletionRequest, {**BASE, field: value})
@@ -54,9 +58,6 @@ def test_extreme_valid_values_pass():
 
 
 @pytest.mark.parametrize(("model", "body", "field"), [
-    (CompletionRequest, {**BASE, "logit_bias": {"5": 10}}, "logit_bias"),
-    (CompletionRequest, {**BASE, "presence_penalty": 0.5}, "presence_penalty"),
-    (CompletionRequest, {**BASE, "frequency_penalty": -1}, "frequency_penalty"),
     (CompletionRequest, {**BASE, "best_of": 3}, "best_of"),
     (CompletionRequest, {**BASE, "suffix": "}"}, "suffix"),
     (CompletionRequest, {**BASE, "echo": True, "stream": True}, "echo"),
@@ -91,6 +92,14 @@ def test_neutral_values_and_nulls_are_accepted():
                                              {"role": "user", "content": [{"type": "text", "text": "a"},
                                                                           {"type": "text", "text": "b"}]}]})
     assert chat.turns()[0].content == "ab" and chat.requested_max_tokens() is None
+
+
+def test_penalties_logit_bias_and_min_p_reach_the_engine():
+    req = parse(CompletionRequest, {**BASE, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+                                    "logit_bias": {"5": 10, "7": -100}, "min_p": 0.05})
+    p = req.sampling_params(16, None)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -1, 1.2, 0.05)
+    assert p.logit_bias == ((5, 10.0), (7, -100.0)) and p.penalized and p.processed
 
 
 def test_min_tokens_above_max_tokens_names_min_tokens():

@@ -1,0 +1,95 @@
+"""Logits processing before sampling: logit_bias, then the repetition, frequency and presence penalties.
+
+The order and formulas are vLLM v1's (``vllm/v1/sample/sampler.py``: logits processors, then
+``apply_penalties``), so that greedy outputs match vLLM's on the same model and settings. For a row with
+prompt tokens P and output tokens so far O, ``c[v]`` the count of token v in O:
+
+- ``logit_bias`` (OpenAI): ``l[v] += bias[v]``;
+- repetition penalty (CTRL, Keskar et al. 2019, as vLLM applies it): for every v in P or O,
+  ``l[v] = l[v] / r`` if ``l[v] > 0`` else ``l[v] * r``;
+- frequency and presence penalties (OpenAI's documented formula):
+  ``l[v] -= c[v] * frequency_penalty + (c[v] > 0) * presence_penalty``.
+
+One batched pass over the rows that ask for it: the counts and masks are built with one scatter each from
+the rows' histories; no Python loop over the vocabulary.
+
+Example:
+    >>> import torch
+    >>> from parallel.sampling_params import SamplingParams
+    >>> p = SamplingParams(temperature=0, presence_penalty=1.0, logit_bias={0: 0.5})
+    >>> process(torch.tensor([[1.0, 2.0, 3.0]]), [p], [History([2], num_prompt_tokens=0)]).tolist()
+    [[1.5, 2.0, 2.0]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from parallel.sampling_params import SamplingParams
+
+
+@dataclass
+class History:
+    """A request's tokens so far (prompt, then outputs) as the model runner computed them."""
+
+    tokens: list[int] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+
+    def update(self, start_pos: int, token_ids: Sequence[int], num_prompt_tokens: int) -> None:
+        """The tokens of one scheduled chunk at ``start_pos`` (a preempted request starts again at 0)."""
+        del self.tokens[start_pos:]
+        self.tokens.extend(token_ids)
+        self.num_prompt_tokens = num_prompt_tokens
+
+
+def process(logits: torch.Tensor, params: Sequence[SamplingParams],
+            histories: Sequence[History | None]) -> torch.Tensor:
+    """``logits`` [B, V] (float) with each row's logit_bias and penalties applied (a new tensor when any)."""
+    rows = [i for i, p in enumerate(params) if p.processed]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    device, vocab = logits.device, logits.shape[-1]
+    bias = [(i, t, b) for i in rows for t, b in params[i].logit_bias]
+    if bias:
+        r, t, b = zip(*bias, strict=True)
+        logits.index_put_((torch.tensor(r, device=device), torch.tensor(t, device=device)),
+                          torch.tensor(b, device=device, dtype=logits.dtype), accumulate=True)
+    pen = [i for i in rows if params[i].penalized and histories[i] is not None]
+    if not pen:
+        return logits
+    n = len(pen)
+    out_rows, out_ids, prompt_rows, prompt_ids = [], [], [], []
+    for k, i in enumerate(pen):
+        h = histories[i]
+        assert h is not None
+        prompt_ids += h.tokens[:h.num_prompt_tokens]
+        prompt_rows += [k] * min(h.num_prompt_tokens, len(h.tokens))
+        out = h.tokens[h.num_prompt_tokens:]
+        out_ids += out
+        out_rows += [k] * len(out)
+    counts = torch.zeros(n, vocab, device=device, dtype=logits.dtype)
+    if out_ids:
+        counts.index_put_((torch.tensor(out_rows, device=device), torch.tensor(out_ids, device=device)),
+                          torch.ones(len(out_ids), device=device, dtype=logits.dtype), accumulate=True)
+    seen = counts > 0
+    if prompt_ids:
+        seen[torch.tensor(prompt_rows, device=device), torch.tensor(prompt_ids, device=device)] = True
+    idx = torch.tensor(pen, device=device)
+    sub = logits[idx]
+    rep = torch.tensor([params[i].repetition_penalty for i in pen], device=device, dtype=logits.dtype)[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([params[i].frequency_penalty for i in pen], device=device, dtype=logits.dtype)[:, None]
+    pres = torch.tensor([params[i].presence_penalty for i in pen], device=device, dtype=logits.dtype)[:, None]
+    logits[idx] = sub - freq * counts - pres * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below ``min_p`` times the row's most likely one (vLLM's min_p, on the
+    temperature-scaled logits): ``p[v] < min_p * max(p)`` <=> ``l[v] < max(l) + ln(min_p)``."""
+    threshold = logits.max(dim=-1, keepdim=True).values + torch.log(min_p.clamp_min(1e-38))[:, None]
+    return logits.masked_fill((min_p[:, None] > 0) & (logits < threshold), float("-inf"))
