@@ -37,6 +37,7 @@ from parallel.engine_api import Engine
 from parallel.errors import (
     ContextLengthError,
     EngineDeadError,
+    EngineError,
     EngineOverloadedError,
     InvalidRequestError,
     RequestFailedError,
@@ -190,6 +191,23 @@ class LLMServer:
         load = self.load.snapshot()
         return {**dataclasses.asdict(self.engine.stats()), "admission_queued": load.queued,
                 "admission_running": load.running}
+
+    async def tokenize(self, request: GenerateRequest | dict[str, Any]) -> dict[str, Any] | ErrorInfo:
+        """vLLM's /tokenize: the ids generation would see for this prompt or chat (rendered by the template)."""
+        req = as_request(request)
+        try:
+            ids = self._prompt_ids(req) if _small(req) else await asyncio.to_thread(self._prompt_ids, req)
+        except EngineError as err:
+            return error_info(err, self.model_name, self.retry_after_s)
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids}
+
+    async def detokenize(self, ids: list[int]) -> dict[str, Any] | ErrorInfo:
+        """vLLM's /detokenize: the text of these ids (special tokens kept, as vLLM does)."""
+        vocab = self.engine.info.vocab_size
+        if self.tokenizer is None or any(not 0 <= t < vocab for t in ids):
+            return ErrorInfo(400, f"tokens must be ids in [0, {vocab})" if self.tokenizer is not None else
+                             "this model was started without a tokenizer", param="tokens", code="invalid_value")
+        return {"prompt": await asyncio.to_thread(self.tokenizer.decode, list(ids), False)}
 
     async def worker_pids(self) -> list[int]:
         """Process ids of the engine's processes (engine process, tensor-parallel ranks); for operators and

@@ -16,7 +16,6 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
@@ -25,8 +24,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from deployments.gateway.auth import visible
-from deployments.gateway.settings import GatewaySettings
-from deployments.ingress.generate import REPLICA_GONE, CallPolicy, ReplicaStream, generate_whole
+from deployments.ingress.extras import ask_replica, detokenize_call, tokenize_call
+from deployments.ingress.generate import REPLICA_GONE, ReplicaStream, generate_whole
 from deployments.ingress.mirror import Tap, TappedStream, ended
 from deployments.ingress.observe import PREFLIGHT, Outcome
 from deployments.ingress.openapi import openapi_document
@@ -35,39 +34,17 @@ from deployments.ingress.resolve import ModelRoute, Resolver, Target
 from deployments.ingress.responses import Shaper, embedding_response
 from deployments.ingress.rollouts import Rollouts
 from deployments.ingress.routes import chat_call, completion_call, error_response, events, parse, respond
+from deployments.ingress.settings import RouterSettings, once
 from deployments.ingress.shed import Shedder, Ticket
-from deployments.ingress.stages import Admitted, Incoming, Limits, Pipeline, request_id
+from deployments.ingress.stages import Admitted, Incoming, Pipeline, request_id
 from deployments.ingress.traffic import Traffic
 from deployments.ingress.versions import VersionTable
 from deployments.messages import ErrorInfo, GenerateRequest, ServeError, invalid, unavailable
 from deployments.metrics_hub import hub
-from deployments.telemetry import Observability, Telemetry
+from deployments.telemetry import Telemetry
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class RouterSettings:
-    """Plain values the cluster hands the ingress (config: ``router``)."""
-
-    limits: Limits = field(default_factory=Limits)
-    call: CallPolicy = field(default_factory=CallPolicy)
-    health_timeout_s: float = 5.0
-    observability: Observability = field(default_factory=Observability)
-    gateway: GatewaySettings = field(default_factory=GatewaySettings)
-
-
-def once(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` that runs at most once however often it is called."""
-    ran = False
-
-    def call() -> None:
-        nonlocal ran
-        if not ran:
-            ran = True
-            fn()
-
-    return call
+MODEL_ROUTE = "/v1/models/{id}"
 
 
 @serve.deployment
@@ -104,6 +81,9 @@ class Router:
             ("POST", "/v1/chat/completions"): self._http_chat,
             ("POST", "/v1/embeddings"): self._http_embeddings,
             ("GET", "/v1/models"): self._http_models,
+            ("GET", MODEL_ROUTE): self._http_model,
+            ("POST", "/tokenize"): self._http_tokenize,
+            ("POST", "/detokenize"): self._http_detokenize,
             ("GET", "/health"): self._http_health,
             ("GET", "/openapi.json"): self._http_openapi,
             ("GET", "/metrics"): self._http_metrics,
@@ -146,17 +126,20 @@ class Router:
         path = path.rstrip("/") or "/"
         headers = {k.lower(): v for k, v in request.headers.items()}
         rid = request_id(headers)  # Serve's proxy put the client's id (or one of its own) in x-request-id
-        outcome = self.observer.begin(rid, path if any(p == path for _, p in self.routes) else "other", method,
+        route = MODEL_ROUTE if path.startswith("/v1/models/") else path
+        head = method == "HEAD"  # a GET route's headers, without its body
+        outcome = self.observer.begin(rid, route if any(p == route for _, p in self.routes) else "other", method,
                                       headers.get("traceparent"))
         try:
             self.policy.check_host(headers)  # before anything else: a rebound DNS name gets nothing
-            handler = self.routes.get((method, path))
+            method = "GET" if head else method
+            handler = self.routes.get((method, route))
             if method == "OPTIONS" and (pre := self.policy.preflight(method, headers)) is not None:
                 outcome.route = PREFLIGHT  # a browser asking first: not traffic, not recorded
                 self.observer.end(outcome)
                 return Response(status_code=pre[0], headers=pre[1])
             if handler is None:
-                if any(p == path for _, p in self.routes):
+                if any(p == route for _, p in self.routes):
                     raise invalid(f"method {method} not allowed on {path}", code="method_not_allowed", status=405)
                 raise invalid(f"no route {method} {path}", code="not_found", status=404)
             admitted = await self.pipeline.admit(Incoming(method, path, headers, request.stream()), rid, outcome)
@@ -185,6 +168,8 @@ class Router:
             response.headers.update(self.policy.response_headers(headers))
         if headers.get("x-request-id") != rid:  # Serve's proxy echoes the id it forwarded; add ours only if new
             response.headers["x-request-id"] = rid
+        if head:
+            return Response(status_code=response.status_code, headers=dict(response.headers))
         return response
 
     async def _http_completions(self, a: Admitted) -> Response:
@@ -202,6 +187,25 @@ class Router:
     async def _http_health(self, a: Admitted) -> Response:
         status = await self.health()
         return JSONResponse(status, status_code=200 if status["status"] == "ok" else 503)
+
+    async def _http_model(self, a: Admitted) -> Response:
+        wanted = a.route.removeprefix("/v1/models/")
+        entry = next((m for m in self.models(a.principal)["data"] if m["id"] == wanted), None)
+        if entry is None:
+            raise invalid(f"model {wanted[:256]!r} not found", param="model", code="model_not_found", status=404)
+        return JSONResponse(entry)
+
+    async def _http_tokenize(self, a: Admitted) -> Response:
+        model, req = tokenize_call(a.request_id, a.body or {})
+        t = self.traffic.choose(model, "llm", principal=a.principal)
+        return JSONResponse(await ask_replica(self.handles[t.key], model, self.settings.call,
+                                              lambda h: h.tokenize.remote(req)))
+
+    async def _http_detokenize(self, a: Admitted) -> Response:
+        model, ids = detokenize_call(a.body or {})
+        t = self.traffic.choose(model, "llm", principal=a.principal)
+        return JSONResponse(await ask_replica(self.handles[t.key], model, self.settings.call,
+                                              lambda h: h.detokenize.remote(ids)))
 
     async def _http_openapi(self, a: Admitted) -> Response:
         return Response(self.openapi, media_type="application/json")

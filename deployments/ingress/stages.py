@@ -37,7 +37,7 @@ from deployments.messages import ErrorInfo, ServeError, invalid
 
 logger = logging.getLogger("ray.serve")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-JSON_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
+JSON_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"})
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,34 @@ def test_both_engines_agree_greedy(client):
     assert texts[0] == texts[1]
 
 
+def test_model_by_id_head_and_vllms_tokenize_detokenize(client):
+    r = client.get("/v1/models/native")
+    assert r.status_code == 200 and r.json()["id"] == "native" and r.json()["object"] == "model"
+    missing = client.get("/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    head = client.head("/v1/models")
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-type"] == "application/json"
+    assert client.head("/v1/models/nope").status_code == 404
+    for engine in ENGINES:  # the ids generation sees: the same count as the completion's usage
+        tok = client.post("/tokenize", json={"model": engine, "prompt": CODE}).json()
+        usage = client.post("/v1/completions", json={"model": engine, "prompt": CODE, "max_tokens": 1}).json()["usage"]
+        assert tok["count"] == len(tok["tokens"]) == usage["prompt_tokens"] and tok["max_model_len"] > 0
+        chat = {"model": engine, "messages": [{"role": "user", "content": "sort a list"}]}
+        tok_chat = client.post("/tokenize", json=chat).json()
+        used = client.post("/v1/chat/completions", json=chat | {"max_tokens": 1}).json()["usage"]["prompt_tokens"]
+        assert tok_chat["count"] == used
+        text = client.post("/detokenize", json={"model": engine, "tokens": tok["tokens"]}).json()["prompt"]
+        assert text.endswith(CODE)
+        bad = client.post("/detokenize", json={"model": engine, "tokens": [10**9]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    extra = client.post("/tokenize", json={"model": "native", "prompt": "x", "add_special_tokens": False})
+    assert extra.status_code == 400 and extra.json()["error"]["param"] == "add_special_tokens"
+
+
 @pytest.mark.parametrize("settings", [
     {"presence_penalty": 1.5}, {"frequency_penalty": 1.0}, {"repetition_penalty": 1.3},
     {"presence_penalty": -0.5, "frequency_penalty": 0.7, "repetition_penalty": 0.8},
-    {"logit_bias": {"13": 5.0, "100": -100}}, {"min_p": 0.3, "presence_penalty": 0.4},
+    {"logit_bias": {"13": 5.0, "100": -100}}, {"min_p": 0.3, "presence_penalty": 1.5},
 ])
 def test_penalties_and_logit_bias_greedy_equal_to_vllms(client, settings):
     """The same model and settings on both engines: vLLM's own penalties and ours give the same greedy text
