@@ -56,9 +56,13 @@ def test_duplicate_names_and_a_router_of_versioned_models_only():
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_shipped_configs_validate(name):
+def test_shipped_configs_validate(name, tmp_path, monkeypatch, capsys):
+    from cluster.keys import main as keys_cli
     from cluster.validate import validate_file
 
+    monkeypatch.chdir(tmp_path)  # configs/gateway.yaml reads keys.json from the working directory
+    keys_cli(["create", "--file", "keys.json", "--id", "ci"])
+    capsys.readouterr()  # (the secret it printed)
     doc = yaml.safe_load((REPO / "configs" / name).read_text())
     assert any(app["import_path"] == "cluster.app:build" for app in doc["applications"])
     assert validate_file(REPO / "configs" / name)  # every application: models, sources, version tables
