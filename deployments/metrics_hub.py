@@ -301,18 +301,11 @@ class MetricsHub:
 
 RENDER_CACHE_S = 1.0
 REPLICAS_EVERY_S = 5.0
-_ACTOR: Any = None  # the remote class, made once per process
-
-
 def hub() -> Any:
     """The hub's actor handle, created on first use (detached: it outlives the app that made it)."""
-    import ray
+    from deployments.singleton import detached
 
-    global _ACTOR
-    if _ACTOR is None:
-        _ACTOR = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(MetricsHub)
-    return _ACTOR.options(name=HUB_NAME, namespace=HUB_NAMESPACE, lifetime="detached",
-                          get_if_exists=True).remote()
+    return detached(MetricsHub, HUB_NAME, namespace=HUB_NAMESPACE)
 
 
 class MetricsPusher:

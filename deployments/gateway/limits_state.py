@@ -210,18 +210,11 @@ class ActorState:
             raise
 
 
-_ACTOR: Any = None
-
-
 def limits_actor(usage_file: str | None = None) -> Any:
     """The cluster's LimitsActor, created on first use (detached, restarted by Ray if its process dies)."""
-    import ray
+    from deployments.singleton import detached
 
-    global _ACTOR
-    if _ACTOR is None:
-        _ACTOR = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(LimitsActor)
-    return _ACTOR.options(name=ACTOR_NAME, namespace=ACTOR_NAMESPACE, lifetime="detached",
-                          get_if_exists=True).remote(usage_file)
+    return detached(LimitsActor, ACTOR_NAME, usage_file, namespace=ACTOR_NAMESPACE)
 
 
 def finite(x: float, cap: float = 1e9) -> float:

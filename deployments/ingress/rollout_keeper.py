@@ -29,6 +29,7 @@ from typing import Any
 
 from deployments.ingress.rollout import AnalysisPolicy, Decision, RolloutState, VersionStats, decide
 from deployments.ingress.versions import AnalysisSpec
+from deployments.singleton import detached
 
 logger = logging.getLogger("ray.serve")
 ACTOR_NAME = "modelfleet-rollout-v1"
@@ -159,18 +160,9 @@ class RolloutKeeper:
         return self.keeper.status()
 
 
-_ACTOR: Any = None
-
-
 def keeper_actor() -> Any:
     """The cluster's RolloutKeeper, created on first use."""
-    import ray
-
-    global _ACTOR
-    if _ACTOR is None:
-        _ACTOR = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(RolloutKeeper)
-    return _ACTOR.options(name=ACTOR_NAME, namespace=ACTOR_NAMESPACE, lifetime="detached",
-                          get_if_exists=True).remote()
+    return detached(RolloutKeeper, ACTOR_NAME, namespace=ACTOR_NAMESPACE)
 
 
 class KeeperClient:
