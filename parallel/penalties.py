@@ -10,8 +10,8 @@ prompt tokens P and output tokens so far O, ``c[v]`` the count of token v in O:
 - frequency and presence penalties (OpenAI's documented formula):
   ``l[v] -= c[v] * frequency_penalty + (c[v] > 0) * presence_penalty``.
 
-One batched pass over the rows that ask for it: the counts and masks are built with one scatter each from
-the rows' histories; no Python loop over the vocabulary.
+One batched pass over the rows that ask for it, sparse: only the tokens a row has seen change, so its cost
+grows with the histories, never with batch x vocabulary; no Python loop over the vocabulary.
 
 Example:
     >>> import torch
@@ -61,30 +61,28 @@ def process(logits: torch.Tensor, params: Sequence[SamplingParams],
     pen = [i for i in rows if params[i].penalized and histories[i] is not None]
     if not pen:
         return logits
-    n = len(pen)
-    out_rows, out_ids, prompt_rows, prompt_ids = [], [], [], []
-    for k, i in enumerate(pen):
+    # Sparse: only tokens a row has seen change, so the work is O(history), never O(batch x vocabulary).
+    # Flat indices i * V + token into the (contiguous) [B, V] logits.
+    out_flat, prompt_flat = [], []
+    for i in pen:
         h = histories[i]
         assert h is not None
-        prompt_ids += h.tokens[:h.num_prompt_tokens]
-        prompt_rows += [k] * min(h.num_prompt_tokens, len(h.tokens))
-        out = h.tokens[h.num_prompt_tokens:]
-        out_ids += out
-        out_rows += [k] * len(out)
-    counts = torch.zeros(n, vocab, device=device, dtype=logits.dtype)
-    if out_ids:
-        counts.index_put_((torch.tensor(out_rows, device=device), torch.tensor(out_ids, device=device)),
-                          torch.ones(len(out_ids), device=device, dtype=logits.dtype), accumulate=True)
-    seen = counts > 0
-    if prompt_ids:
-        seen[torch.tensor(prompt_rows, device=device), torch.tensor(prompt_ids, device=device)] = True
-    idx = torch.tensor(pen, device=device)
-    sub = logits[idx]
-    rep = torch.tensor([params[i].repetition_penalty for i in pen], device=device, dtype=logits.dtype)[:, None]
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    freq = torch.tensor([params[i].frequency_penalty for i in pen], device=device, dtype=logits.dtype)[:, None]
-    pres = torch.tensor([params[i].presence_penalty for i in pen], device=device, dtype=logits.dtype)[:, None]
-    logits[idx] = sub - freq * counts - pres * (counts > 0).to(logits.dtype)
+        base = i * vocab
+        prompt_flat += [base + t for t in h.tokens[:h.num_prompt_tokens]]
+        out_flat += [base + t for t in h.tokens[h.num_prompt_tokens:]]
+    flat = logits.view(-1)
+    out_t = torch.tensor(out_flat, device=device, dtype=torch.long)
+    seen = torch.unique(torch.cat([out_t, torch.tensor(prompt_flat, device=device, dtype=torch.long)]))
+    rep, freq, pres = torch.tensor([(p.repetition_penalty, p.frequency_penalty, p.presence_penalty) for p in params],
+                                   device=device, dtype=logits.dtype).unbind(-1)  # rows without: 1, 0, 0 (unused)
+    if seen.numel():
+        r = rep[seen // vocab]
+        v = flat[seen]
+        flat[seen] = torch.where(v > 0, v / r, v * r)
+    if out_t.numel():
+        tokens, counts = torch.unique(out_t, return_counts=True)
+        row = tokens // vocab
+        flat[tokens] -= counts.to(logits.dtype) * freq[row] + pres[row]
     return logits
 
 
