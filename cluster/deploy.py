@@ -172,11 +172,11 @@ def deploy(doc: dict[str, Any], cluster: Cluster, timeout_s: float = 900.0,
                   lambda: switched(cluster, routers, moves), timeout_s, say)
     if moves:  # Serve deletes them in the background: their replicas finish what they hold, then stop
         _wait(f"{sorted(moves)} deleted", lambda: cluster.gone(set(moves)), timeout_s, say)
-    _pin(rendered, moves, say)
+    pin(rendered, moves, say)
     return moves
 
 
-def _pin(rendered: dict[str, Any], moves: dict[str, str], say: Callable[[str], None]) -> None:
+def pin(rendered: dict[str, Any], moves: dict[str, str], say: Callable[[str], None]) -> None:
     """Tell the registry which version each version application serves (``delete`` refuses those)."""
     for app in rendered["applications"]:
         if app.get("import_path") != VERSION_APP:

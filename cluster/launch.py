@@ -74,10 +74,11 @@ def pinned(config: str) -> str:
 
     import yaml
 
-    from cluster.deploy import render
+    from cluster.deploy import pin, render
 
     with open(config) as f:
         rendered, renamed = render(yaml.safe_load(f))
+    pin(rendered, {}, say=lambda line: None)  # the registry refuses to delete what is served
     if not renamed:
         return config
     out = tempfile.NamedTemporaryFile("w", prefix="modelfleet-", suffix=".yaml", delete=False)  # noqa: SIM115
