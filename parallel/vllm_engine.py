@@ -178,6 +178,7 @@ class VllmEngine:
             if name is not None and value is not None:
                 kwargs[name] = value
         spec = _speculative_config(options)
+        self.speculative = spec is not None
         if spec is not None:
             kwargs["speculative_config"] = spec
         if kwargs.get("dtype") == "auto":
@@ -239,6 +240,12 @@ class VllmEngine:
         if bad:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
                                       param="logit_bias")
+        if self.speculative and (params.processed or params.min_p > 0):  # vLLM ignores min_p and logit_bias there
+            neutral = {"logit_bias": (), "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                       "repetition_penalty": 1.0}
+            used = next(n for n, v in neutral.items() if getattr(params, n) != v)
+            raise InvalidRequestError(f"{used} is not available with speculative decoding on the vLLM engine",
+                                      param=used, code="unsupported_parameter")
         if self.llm.errored:
             raise EngineDeadError(f"vLLM engine failed: {self.llm.dead_error!r}")
         finished, n_out, first = False, 0, True

@@ -84,6 +84,14 @@ def hostile_cases() -> list[tuple[str, str, dict | bytes, dict[str, str], int, s
                          ("repetition_penalty", -1), ("min_p", 2)]:
         body = {"prompt": [1, 2], "max_tokens": 2, field: value}
         cases.append((f"out of range {field} {value}", "/v1/completions", body, {}, 400, field))
+    cases += [  # vLLM's extra routes take the same bounds
+        ("tokenize ids out of vocab", "/tokenize", {"prompt": [1, 10**9]}, {}, 400, "prompt"),
+        ("tokenize 3 MB chat", "/tokenize", {"messages": [{"role": "user", "content": under_limit}]}, {}, 400,
+         "messages"),
+        ("tokenize unknown field", "/tokenize", {"prompt": "x", "add_bos": True}, {}, 400, "add_bos"),
+        ("detokenize ids out of vocab", "/detokenize", {"tokens": [1, 2**31 - 1]}, {}, 400, "tokens"),
+        ("detokenize no ids", "/detokenize", {"tokens": []}, {}, 400, "tokens"),
+    ]
     for field, value in [("best_of", 2), ("suffix", "x"), ("echo", True)]:
         body = {"prompt": [1, 2], "max_tokens": 2, field: value}
         cases.append((f"unsupported {field}", "/v1/completions", body, {}, 400, field))

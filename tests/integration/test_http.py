@@ -48,6 +48,19 @@ def test_both_engines_agree_greedy(client):
     assert texts[0] == texts[1]
 
 
+def test_logits_processing_with_speculative_decoding_is_refused_not_ignored(client):
+    """vLLM ignores min_p and logit_bias under speculative decoding (it says so in its log): refused here."""
+    def post(model: str, extra: dict) -> httpx.Response:
+        return client.post("/v1/chat/completions", json={"model": model, "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "hi"}]} | extra)
+
+    for model, extra in [("vllm-spec", {"min_p": 0.2}), ("vllm-spec", {"frequency_penalty": -0.7}),
+                         ("vllm-spec", {"logit_bias": {"5": 1}}), ("native-spec", {"presence_penalty": 1.0})]:
+        r = post(model, extra)
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra)), (model, r.text)
+    assert post("native-spec", {"min_p": 0.2}).status_code == 200  # exact under rejection sampling: kept
+
+
 def test_model_by_id_head_and_vllms_tokenize_detokenize(client):
     r = client.get("/v1/models/native")
     assert r.status_code == 200 and r.json()["id"] == "native" and r.json()["object"] == "model"
@@ -235,10 +248,12 @@ def test_a_full_model_is_refused_at_the_ingress_without_asking_it(router_url):
                 answers = [c.post("/v1/completions", json=short) for _ in range(5)]
                 shed = stats()["shed"] - before
                 valid = not queued.done()  # both were still in flight while the five were answered
-            assert queued.result().status_code == 200, queued.result().text  # it ran once the stream closed
+            # it ran once the stream closed, unless the first probe reached Serve's one queue place before it
+            # (the router counts a request in flight just before its handle call): then try again
+            valid = valid and queued.result().status_code == 200
         if valid:
             break
-    assert valid, "the long stream never outlived the probes"
+    assert valid, f"the long stream never outlived the probes (queued: {queued.result().text[:200]})"
     assert all(r.status_code == 503 for r in answers), [r.status_code for r in answers]
     assert all(r.headers["retry-after"] == "2" and r.json()["error"]["code"] == "overloaded" for r in answers)
     assert shed >= 4, shed  # at most the first was refused by Serve's queue (the gate may be shut already)

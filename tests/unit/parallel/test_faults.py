@@ -106,8 +106,8 @@ def _sampling_fails(engine: LLMEngine) -> None:
     real = engine.executor.runner.sampler
 
     class Failing(Sampler):
-        def __call__(self, logits, params, generators):
-            tokens = real(logits, params, generators)
+        def __call__(self, logits, params, generators, histories=None):
+            tokens = real(logits, params, generators, histories)
             if any(p is SAMPLED_VICTIM for p in params):
                 raise InjectedFault("boom")
             return tokens
