@@ -330,9 +330,9 @@ class Router:
             if t.app:
                 outcome.response_headers["x-modelfleet-version"] = outcome.version
             self.observer.with_body(outcome, a.body)
+        ticket = self._admit_to(req.model, t.key)  # (before a shadow copy is made: a shed request has none)
         listeners, first = self.rollouts.listeners(req.model, t, gen, started) if t.app else ([], None)
         tap: Tap | None = Tap(None, listeners) if listeners else None
-        ticket = self._admit_to(req.model, t.key)
         refused: float | None = None
         try:
             if not req.streaming:
