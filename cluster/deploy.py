@@ -38,7 +38,7 @@ import yaml
 from cluster.app import ROUTER_NAME, ConfigError, parse_version_config, resolve_version
 from cluster.registry import is_model_uri, open_registry
 from cluster.registry.uri import parse_uri
-from cluster.validate import validate_doc
+from cluster.validate import router_table, validate_doc
 
 VERSION_APP = "cluster.app:build_version"
 ROUTER_APP = "cluster.app:build"
@@ -46,13 +46,8 @@ ROUTER_APP = "cluster.app:build"
 
 def _tables(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """The routers' version tables (their ``user_config``), editable in place."""
-    out = []
-    for app in doc.get("applications", []):
-        if app.get("import_path") == ROUTER_APP:
-            for d in app.get("deployments") or []:
-                if d.get("name") == ROUTER_NAME and isinstance(d.get("user_config"), dict):
-                    out.append(d["user_config"])
-    return out
+    tables = (router_table(app) for app in doc.get("applications", []) if app.get("import_path") == ROUTER_APP)
+    return [t for t in tables if isinstance(t, dict)]
 
 
 def render(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -61,8 +62,7 @@ def validate_doc(doc: object, path: str = "the config") -> list[str]:
 def check_table(app: dict, cfg: ClusterConfig, versions: dict[str, tuple[str, str]]) -> list[str]:
     """The router's version table (its user_config): valid, naming version applications of this file that
     serve the model under the same name and kind, and no model both the router's own and versioned."""
-    table = next((d.get("user_config") for d in app.get("deployments") or []
-                  if d.get("name") == ROUTER_NAME and d.get("user_config") is not None), None)
+    table = router_table(app)
     if table is None:
         return []
     try:
@@ -86,6 +86,12 @@ def check_table(app: dict, cfg: ClusterConfig, versions: dict[str, tuple[str, st
                    + (f"; shadow {vm.shadow.app} ({vm.shadow.fraction:.0%})" if vm.shadow else "")
                    + (f"; canary analysis of {vm.analysis.canary}" if vm.analysis else ""))
     return out
+
+
+def router_table(app: dict) -> Any:
+    """The router's version table in one application of a Serve config (its ``user_config``), as written."""
+    return next((d["user_config"] for d in app.get("deployments") or []
+                 if d.get("name") == ROUTER_NAME and d.get("user_config") is not None), None)
 
 
 def main(argv: list[str]) -> int:

@@ -109,11 +109,6 @@ class VersionedModel(_Strict):
                 raise ValueError("canary analysis needs exactly two versions: the primary and the canary")
         return self
 
-    def primary(self) -> str:
-        """The version the canary is judged against: the other one (or, without analysis, the heaviest)."""
-        canary = self.analysis.canary if self.analysis else None
-        return max((a for a in self.versions if a != canary), key=lambda a: self.versions[a])
-
 
 class VersionTable(_Strict):
     """The router's ``user_config``: ``models`` routed to version applications."""
