@@ -37,6 +37,17 @@ ACTOR_NAMESPACE = "modelfleet"
 MAX_TTFTS = 4096  # per version and step: enough for a p95, bounded whatever the traffic
 
 
+@dataclass(frozen=True)
+class VersionReport:
+    """One version's counts since a router's last report: the message a router sends the keeper."""
+
+    requests: int
+    errors: int
+    ttfts: tuple[float, ...]
+    greedy_pairs: int = 0
+    exact_pairs: int = 0
+
+
 @dataclass
 class VersionCounts:
     """One version's requests, server errors and TTFT samples (seconds) since the last report."""
@@ -53,7 +64,10 @@ class VersionCounts:
         if ttft_s is not None and len(self.ttfts) < MAX_TTFTS:
             self.ttfts.append(ttft_s)
 
-    def merge(self, other: VersionCounts) -> None:
+    def report(self) -> VersionReport:
+        return VersionReport(self.requests, self.errors, tuple(self.ttfts), self.greedy_pairs, self.exact_pairs)
+
+    def merge(self, other: VersionCounts | VersionReport) -> None:
         self.requests += other.requests
         self.errors += other.errors
         self.ttfts.extend(other.ttfts[:max(0, MAX_TTFTS - len(self.ttfts))])
@@ -92,7 +106,7 @@ class Analysis:
         self.last_at = now
         self.decisions: list[Decision] = []
 
-    def add(self, counts: dict[str, VersionCounts]) -> None:
+    def add(self, counts: dict[str, VersionCounts | VersionReport]) -> None:
         for app, c in counts.items():
             if app in self.counts:
                 self.counts[app].merge(c)
@@ -123,7 +137,7 @@ class Keeper:
         self.analyses: dict[str, tuple[str, Analysis]] = {}
 
     def sync(self, model: str, spec: dict[str, Any], versions: dict[str, float],
-             counts: dict[str, VersionCounts], now: float) -> tuple[dict[str, float], Decision | None]:
+             counts: dict[str, VersionReport], now: float) -> tuple[dict[str, float], Decision | None]:
         """Add one router's counts; maybe decide; the weights to route by and the decision it produced."""
         fingerprint = json.dumps([spec, versions], sort_keys=True)
         held = self.analyses.get(model)
@@ -153,7 +167,7 @@ class RolloutKeeper:
         self.keeper, self.clock = Keeper(), time.time
 
     def sync(self, model: str, spec: dict[str, Any], versions: dict[str, float],
-             counts: dict[str, VersionCounts]) -> tuple[dict[str, float], Decision | None]:
+             counts: dict[str, VersionReport]) -> tuple[dict[str, float], Decision | None]:
         return self.keeper.sync(model, spec, versions, counts, self.clock())
 
     def status(self) -> dict[str, Any]:
@@ -188,8 +202,9 @@ class KeeperClient:
         try:
             if self._actor is None:
                 self._actor = await asyncio.wait_for(asyncio.to_thread(keeper_actor), self.timeout_s)
+            report = {app: c.report() for app, c in counts.items()}
             return await asyncio.wait_for(self._actor.sync.remote(model, spec.model_dump(mode="json"), versions,
-                                                                  counts), self.timeout_s)
+                                                                  report), self.timeout_s)
         except Exception:
             self._actor = None
             for app, c in counts.items():  # not lost: handed over with the next sync
