@@ -1,4 +1,13 @@
-"""The tokenizer of a Hugging Face folder, read with `tokenizers` (fast, no transformers import needed)."""
+"""The tokenizer of a Hugging Face folder, exactly as ``transformers.AutoTokenizer`` builds it.
+
+vLLM tokenizes with AutoTokenizer, and transformers 5 does not always trust tokenizer.json: a tokenizer class
+with its own ``__init__`` (``Qwen2Tokenizer``, ``LlamaTokenizer``, ...) keeps only the vocabulary, merges and
+post-processor from the file and rebuilds the normalizer, pre-tokenizer and decoder from the class
+definition. Reading tokenizer.json directly therefore split text differently from vLLM (a Qwen2 folder
+whose tokenizer.json pre-tokenizer is not Qwen2's: digits grouped, no NFC). So the folder is loaded once
+with AutoTokenizer (local files only) and its Rust backend is used per request: the same ids, at the speed
+of ``tokenizers``.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +15,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer as _HFTokenizer
-
-from parallel.models.loader import read_json
-
 # Pieces of a tokenizer pipeline that never shrink the text (each input character survives as >= 1 character
 # in what the model splits into tokens). Anything else (NFC/NFKC composition, Strip, a whitespace-splitting
 # pre-tokenizer that drops spaces, WordPiece's whole-word [UNK]) voids the length bound below.
 _SAFE_NORMALIZERS = {"Prepend", "Lowercase", "NFD", "NFKD"}
 _SAFE_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts"}
-
-
-def _token_str(value: object) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def _keeps_length(part: dict[str, Any] | None, safe: set[str]) -> bool:
@@ -62,8 +61,38 @@ def max_token_chars(spec: dict[str, Any]) -> int | None:
     return max(lengths, default=0) or None
 
 
+# Files AutoTokenizer builds a tokenizer from. Without one, transformers 5 would build an empty default
+# tokenizer for some classes (Qwen2Tokenizer's vocabulary is then one token) instead of failing.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json", "vocab.json", "vocab.txt")
+# What a transformers tokenizer class may override to tokenize or decode differently from its Rust backend
+# (CodeLlama's infilling, CodeGen's decode truncation): such a class is called itself, not its backend.
+_PER_CALL_METHODS = ("__call__", "encode", "_encode_plus", "tokenize", "decode", "_decode")
+
+
+def _load_auto_tokenizer(folder: Path, trust_remote_code: bool) -> Any:
+    # Imported here: transformers costs seconds to import, paid once by a process that loads a tokenizer.
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def _backend_of(hf: Any) -> Any | None:
+    """The Rust ``tokenizers.Tokenizer`` that does all of ``hf``'s encoding and decoding, or None where the
+    class adds Python behaviour of its own (or has no Rust backend at all)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    if not isinstance(hf, TokenizersBackend):
+        return None
+    if any(getattr(type(hf), m) is not getattr(TokenizersBackend, m) for m in _PER_CALL_METHODS):
+        return None
+    return hf.backend_tokenizer
+
+
 class Tokenizer:
     """Encode/decode plus what a server needs: special ids, the chat template, a token-count lower bound.
+
+    Ids and text equal ``AutoTokenizer.from_pretrained(folder)``'s ``encode`` / ``decode`` (its defaults: no
+    truncation, no padding, special-token strings in the text matched as special tokens).
 
     Example:
         >>> tok = Tokenizer.from_folder("models/tiny-code-llama")
@@ -73,28 +102,41 @@ class Tokenizer:
         True
     """
 
-    def __init__(self, tokenizer: _HFTokenizer, config: dict, eos_token_ids: tuple[int, ...]) -> None:
-        self._tok = tokenizer
-        self.chat_template: str | None = config.get("chat_template")
-        self.bos_token = _token_str(config.get("bos_token"))
-        self.eos_token = _token_str(config.get("eos_token"))
-        self.bos_token_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
-        eos = tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+    def __init__(self, hf: Any, eos_token_ids: tuple[int, ...] = ()) -> None:
+        self._hf = hf
+        self._tok = _backend_of(hf)
+        if self._tok is not None:
+            # AutoTokenizer's encode turns off truncation and padding a tokenizer.json may carry; once here,
+            # so the backend is never mutated per call (it is shared by the replica's threads).
+            self._tok.no_truncation()
+            self._tok.no_padding()
+        template = hf.chat_template
+        self.chat_template: str | None = template.get("default") if isinstance(template, dict) else template
+        self.bos_token: str | None = hf.bos_token
+        self.eos_token: str | None = hf.eos_token
+        vocab = hf.get_vocab()  # not convert_tokens_to_ids: that answers the unknown token's id for a stranger
+        self.bos_token_id = vocab.get(self.bos_token) if self.bos_token else None
+        eos = vocab.get(self.eos_token) if self.eos_token else None
         self.eos_token_ids = tuple(dict.fromkeys([*eos_token_ids, *([eos] if eos is not None else [])]))
-        self.vocab_size = tokenizer.get_vocab_size()
+        self.vocab_size: int = self._tok.get_vocab_size() if self._tok is not None else len(hf)
+        # transformers cleans decoded text up (spaces before punctuation) only when the folder asks for it
+        # and the model is not BPE, where the clean-up corrupts text; the same rule here.
+        self._clean_up = bool(getattr(hf, "clean_up_tokenization_spaces", False)) and self._tok is not None and (
+            type(self._tok.model).__name__ != "BPE"
+            or getattr(hf, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
         # Once per tokenizer (immutable afterwards, so reading it from many threads is safe).
-        self.max_token_chars = max_token_chars(json.loads(tokenizer.to_str()))
+        self.max_token_chars = max_token_chars(json.loads(self._tok.to_str())) if self._tok is not None else None
 
     @classmethod
-    def from_folder(cls, folder: str | Path, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:
-        path = Path(folder) / "tokenizer.json"
-        if not path.is_file():
+    def from_folder(cls, folder: str | Path, eos_token_ids: tuple[int, ...] = (),
+                    trust_remote_code: bool = False) -> Tokenizer:
+        """The folder's tokenizer as AutoTokenizer loads it, from local files only (never the Hub)."""
+        path = Path(folder)
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
             raise FileNotFoundError(
-                f"tokenizer.json not found in {str(folder)!r}; pass token-id prompts with skip_tokenizer_init=True")
-        config = read_json(folder, "tokenizer_config.json", required=False)
-        if not config.get("chat_template") and (Path(folder) / "chat_template.jinja").is_file():
-            config["chat_template"] = (Path(folder) / "chat_template.jinja").read_text()
-        return cls(_HFTokenizer.from_file(str(path)), config, eos_token_ids)
+                f"tokenizer.json not found in {str(folder)!r} (nor {', '.join(_TOKENIZER_FILES[1:])}); "
+                "pass token-id prompts with skip_tokenizer_init=True")
+        return cls(_load_auto_tokenizer(path, trust_remote_code), eos_token_ids)
 
     def min_tokens(self, text: str) -> int:
         """A lower bound on ``len(self.encode(text))`` in O(1): ceil(len / max_token_chars), 0 without one."""
@@ -103,7 +145,12 @@ class Tokenizer:
         return -(-len(text) // self.max_token_chars)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self._tok is None:
+            return self._hf.encode(text, add_special_tokens=add_special_tokens)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._tok is None:
+            return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._hf.clean_up_tokenization(text) if self._clean_up else text
