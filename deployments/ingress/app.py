@@ -384,7 +384,7 @@ class Router:
             outcome.model = req.model
         policy = self.settings.call
         try:
-            result = await handle.embed.remote(req.texts())
+            result = await handle.embed.remote(req.inputs())
         except BackPressureError as err:
             raise unavailable(f"model {req.model!r} is overloaded, retry later", "overloaded",
                               policy.retry_after_s) from err

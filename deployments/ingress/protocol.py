@@ -223,17 +223,29 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+# Strict: in an input that may be texts or ids, "1" and true are mistakes, not token 1 (lax ints would take them).
+EmbeddingIds = Annotated[list[Annotated[int, Field(strict=True, ge=0, le=INT32)]],
+                         Field(min_length=1, max_length=MAX_PROMPT_IDS)]
 
 
 class EmbeddingRequest(_Strict):
+    """OpenAI's four input forms: a text, texts, one token-id list, token-id lists. The replica checks the ids
+    against its vocabulary (only it knows it)."""
+
     model: str = Field(min_length=1, max_length=256)
-    input: Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    input: (Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)] | EmbeddingIds
+            | Annotated[list[EmbeddingIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)])
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: None = None  # MiniLM-style encoders have one size: refused (400 naming it) when set
     user: str | None = Field(None, max_length=256)
 
-    def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> list[str] | list[list[int]]:
+        """One entry per embedding, in order: texts, or token-id lists (a flat id list is one input)."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if isinstance(self.input[0], int):
+            return [list(self.input)]  # type: ignore[arg-type]
+        return list(self.input)  # type: ignore[arg-type]
 
 
 ROUTE_SCHEMAS: dict[str, type[BaseModel]] = {
