@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import time
@@ -29,7 +30,9 @@ from deployments import (
 )
 from deployments.admission import AdmissionLimits, LoadTracker, decide
 from deployments.direct import DirectListener, DirectOptions
-from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, TokenLogprob
+from deployments.fanout import merge
+from deployments.logprobs import Render
+from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError
 from deployments.stats_line import stats_line
 from deployments.telemetry import Observability, Telemetry, app_version
 from parallel.chat_template import render_chat
@@ -42,8 +45,8 @@ from parallel.errors import (
     InvalidRequestError,
     RequestFailedError,
 )
+from parallel.fanout import child_params
 from parallel.gpu import GpuMonitor, engine_load_metrics
-from parallel.outputs import OutputDelta
 from parallel.sampling_params import SamplingParams
 
 logger = logging.getLogger("ray.serve")
@@ -100,6 +103,7 @@ class LLMServer:
             options["disable_log_stats"] = True
         self.engine: Engine = make_engine(engine, source, options, draft)
         self.tokenizer = self.engine.tokenizer
+        self.render = Render(self.tokenizer)
         self.max_model_len = self.engine.info.max_model_len
         self.admission = admission or AdmissionLimits()
         self.retry_after_s = retry_after_s
@@ -221,16 +225,13 @@ class LLMServer:
 
     async def generate(self, request: GenerateRequest | dict[str, Any]) -> Chunk | ErrorInfo:
         """The whole completion as one Chunk (text and token ids accumulated once), or the ErrorInfo."""
-        chunks: list[Chunk] = []
+        choices: dict[int, list[Chunk]] = {}
         async for item in self.generate_stream(request):
             if isinstance(item, ErrorInfo):
                 return item
-            chunks.append(item)
-        last = chunks[-1]
-        lps = [e for c in chunks for e in (c.logprobs or ())]
-        return Chunk("".join(c.text for c in chunks), tuple(t for c in chunks for t in c.token_ids),
-                     last.finish_reason, last.prompt_tokens, last.completion_tokens, tuple(lps) if lps else None,
-                     chunks[0].queue_s)
+            choices.setdefault(item.index, []).append(item)
+        whole = [_joined(choices[i]) for i in sorted(choices)]
+        return whole[0] if len(whole) == 1 else tuple(whole)  # type: ignore[return-value]
 
     async def generate_stream(self, request: GenerateRequest | dict[str, Any]) -> AsyncIterator[Chunk | ErrorInfo]:
         try:
@@ -238,6 +239,21 @@ class LLMServer:
         except InvalidRequestError as err:
             yield error_info(err, self.model_name, self.retry_after_s)
             return
+        if not req.fans_out:
+            async for item in self._one(req):
+                yield item
+            return
+        # n samples of each prompt (best_of candidates): one engine request each, merged (deployments/fanout.py)
+        p = req.params
+        prompts = req.prompts or ((req.prompt,) if req.messages is None else (None,))
+        sequences = [(i, j, self._one(dataclasses.replace(req, request_id=f"{req.request_id}.{i}.{j}", prompt=prompt,
+                                                            prompts=(), params=child_params(p, j))))
+                     for i, prompt in enumerate(prompts) for j in range(p.num_sequences)]
+        async for item in merge(sequences, p):
+            yield item
+
+    async def _one(self, req: GenerateRequest) -> AsyncIterator[Chunk | ErrorInfo]:
+        """One sequence: admission, rendering and tokenising, the engine's deltas as Chunks."""
         rid = req.request_id
         arrived = time.monotonic()
         if req.admitted_at is not None:
@@ -263,6 +279,9 @@ class LLMServer:
             # streams); a small one inline, where the thread hop would cost more than the work.
             ids, params = (self._prepare(req) if _small(req) else await asyncio.to_thread(self._prepare, req))
             want_lps = params.logprobs is not None
+            echo: dict[str, Any] = {}
+            if req.echo:  # the prompt as text, and its logprobs when asked (vLLM's echo)
+                echo["prompt_text"] = req.prompt if isinstance(req.prompt, str) else self.render.text(ids)
             # The engine's id is unique even when clients reuse an x-request-id; logs carry the client's.
             async for d in self.engine.generate(f"{rid}#{next(self._ids)}", ids, params):
                 queue_s = None
@@ -273,8 +292,16 @@ class LLMServer:
                     queue_s = max(0.0, scheduled - arrived) if scheduled is not None else None
                 if span is not None:
                     last = time.monotonic()
-                yield Chunk(d.text, d.token_ids, d.finish_reason, d.num_prompt_tokens, d.num_output_tokens,
-                            self._logprobs(d) if want_lps and d.token_ids else None, queue_s)
+                if echo and d.prompt_logprobs is not None:
+                    echo["prompt_logprobs"] = self.render.prompt(ids, d.prompt_logprobs)
+                if req.echo_only:  # max_tokens 0: the one token computed is not the client's
+                    yield Chunk("", (), "length" if d.finished else None, d.num_prompt_tokens, 0, None, queue_s,
+                                **echo)
+                else:
+                    lps = self.render.tokens(d.logprobs or (), d.token_ids) if want_lps and d.token_ids else None
+                    yield Chunk(d.text, d.token_ids, d.finish_reason, d.num_prompt_tokens, d.num_output_tokens,
+                                lps, queue_s, **echo)
+                echo = {}
         except ServeError as err:
             yield err.info
         except (InvalidRequestError, EngineOverloadedError, EngineDeadError, RequestFailedError) as err:
@@ -312,8 +339,8 @@ class LLMServer:
         if tok is None:
             raise InvalidRequestError("chat needs a tokenizer; this model was started without one", param="messages")
         try:
-            text = render_chat([{"role": m.role, "content": m.content} for m in req.messages], tok.chat_template,
-                               tok.bos_token, tok.eos_token)
+            text = render_chat([m.for_template() for m in req.messages], tok.chat_template, tok.bos_token,
+                               tok.eos_token, tools=json.loads(req.tools) if req.tools else None)
         except ValueError as err:  # the template refused the conversation (e.g. roles out of order)
             raise InvalidRequestError(str(err), param="messages") from None
         bound = tok.min_tokens(text)
@@ -323,13 +350,15 @@ class LLMServer:
         ids = tok.encode(text, add_special_tokens=not (tok.bos_token and text.startswith(tok.bos_token)))
         return self.engine.encode_prompt(ids, param="messages")
 
-    def _logprobs(self, d: OutputDelta) -> tuple[TokenLogprob, ...]:
-        def piece(t: int) -> str:
-            return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer else str(t)
 
-        return tuple(TokenLogprob(piece(t), e.get(t, float("-inf")),
-                                  tuple((piece(a), lp) for a, lp in sorted(e.items(), key=lambda kv: -kv[1])))
-                     for e, t in zip(d.logprobs or (), d.token_ids, strict=False))
+def _joined(chunks: list[Chunk]) -> Chunk:
+    """One choice's chunks as one (the counts of the last: the request's totals)."""
+    first, last = chunks[0], chunks[-1]
+    lps = [e for c in chunks for e in (c.logprobs or ())]
+    return dataclasses.replace(last, text="".join(c.text for c in chunks),
+                               token_ids=tuple(t for c in chunks for t in c.token_ids),
+                               logprobs=tuple(lps) if lps else None, queue_s=first.queue_s,
+                               prompt_text=first.prompt_text, prompt_logprobs=first.prompt_logprobs)
 
 
 ANNOUNCE_EVERY_S = 3.0  # the front drops a listener not heard of for 15 s

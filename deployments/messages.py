@@ -3,7 +3,8 @@
 - ``GenerateRequest``: built once by the ingress; the replica receives it as is (prompt or chat turns,
   validated ``SamplingParams``, request id, deadline).
 - ``Chunk``: what a replica streams back: the delta of text and token ids since its previous chunk, running
-  token counts, logprobs rendered as token strings. Deltas end to end; accumulated once, at the edge.
+  token counts, logprobs rendered as token strings. Deltas end to end; accumulated once, at the edge. A
+  request of several sequences (n, best_of, several prompts) interleaves its choices' chunks by ``index``.
 - ``ErrorInfo`` / ``ServeError``: an error with its HTTP status and OpenAI body fields, raised where it
   arises (``ServeError``) and carried across a stream as an ``ErrorInfo`` item, never recognised by text.
 
@@ -15,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +25,38 @@ from parallel.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A tool call of an assistant turn: ``arguments`` is JSON text, as OpenAI carries it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChatTurn:
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as Hugging Face chat templates read it: tool call arguments as objects (vLLM parses
+        them the same way before rendering; text that is not JSON stays text)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name,
+                                  "arguments": _json_or_text(c.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +70,21 @@ class GenerateRequest:
     request_id: str
     prompt: str | tuple[int, ...] | None = None
     messages: tuple[ChatTurn, ...] | None = None
+    prompts: tuple[str | tuple[int, ...], ...] = ()  # several prompts (completions): choices i * n + j
     params: SamplingParams = field(default_factory=SamplingParams)
     fill_max_tokens: bool = False
     deadline: float | None = None
     model: str = ""
     admitted_at: float | None = None  # time.time() when the ingress admitted it (the router's queue starts)
     traceparent: str | None = None  # W3C trace context of the ingress's span (tracing on)
+    tools: str | None = None  # chat: the request's tools as JSON text, for the chat template (``tools=``)
+    echo: bool = False  # return each prompt's text (and its logprobs with params.prompt_logprobs) first
+    echo_only: bool = False  # max_tokens 0 with echo: the prompt alone (one token is computed, not returned)
+
+    @property
+    def fans_out(self) -> bool:
+        """Several sequences (prompts x samples): the replica runs them as one request, choices indexed."""
+        return bool(self.prompts) or self.params.num_sequences > 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +105,9 @@ class Chunk:
     completion_tokens: int  # generated so far, including this chunk
     logprobs: tuple[TokenLogprob, ...] | None = None
     queue_s: float | None = None  # on the first chunk: time the request waited in the engine's queue
+    index: int = 0  # the choice (prompt i, sample j -> i * n + j); counts above are the request's totals
+    prompt_text: str | None = None  # echo: on a choice's first chunk
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # echo with logprobs: the first one's is NaN (none)
 
 
 @dataclass(frozen=True, slots=True)

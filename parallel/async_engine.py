@@ -26,7 +26,7 @@ from parallel.engine_messages import AddRequest
 from parallel.engine_stats import EngineStats
 from parallel.engine_supervisor import ProcessLoop, RestartBudget
 from parallel.errors import EngineDeadError, EngineError, InvalidRequestError
-from parallel.inputs import encode_prompt
+from parallel.inputs import encode_prompt, with_bad_words
 from parallel.metrics import EngineMetrics
 from parallel.outputs import OutputDelta, merge_deltas
 from parallel.sampling_params import SamplingParams
@@ -128,6 +128,7 @@ class AsyncEngine:
         before anything is queued). Leaving the loop early aborts the request.
         """
         ids = self.encode_prompt(prompt_ids)  # cheap for ids; a bad one raises here, in the caller
+        params = with_bad_words(params, self.tokenizer, self.vocab_size)  # here: the engine process gets ids
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:  # with on_dead's lock: a request registered here is either served or failed
             if not self._loop.is_ready():

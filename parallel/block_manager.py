@@ -80,8 +80,8 @@ class BlockManager:
 
         At least one token is always left to compute, because the step needs its logits.
         """
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return []  # (prompt logprobs need every prompt position's logits: nothing may be skipped, as vLLM)
         found: list[int] = []
         for h in self._chain(request.all_token_ids, (request.num_tokens - 1) // self.block_size):
             block_id = self._cached.get(h)

@@ -26,7 +26,7 @@ from parallel.engine_stats import EngineStats
 from parallel.errors import ContextLengthError, EngineDeadError, InvalidRequestError, RequestFailedError
 from parallel.executor import make_executor
 from parallel.faults import FaultPlan
-from parallel.inputs import encode_prompt
+from parallel.inputs import encode_prompt, with_bad_words
 from parallel.model_runner import kv_bytes_per_block
 from parallel.models.llama import LlamaArgs
 from parallel.models.loader import check_model_folder, checkpoint_dtype, read_json, weight_files
@@ -36,6 +36,7 @@ from parallel.sampling_params import SamplingParams
 from parallel.scheduler import Scheduler
 from parallel.speculative import Proposer
 from parallel.step_messages import StepResult
+from parallel.structured import GrammarBackend
 from parallel.tokenizer import Tokenizer
 
 __all__ = ["EngineStats", "LLMEngine"]
@@ -110,6 +111,8 @@ class LLMEngine:
         eos = _eos_ids(mc.path)
         self.tokenizer = None if mc.skip_tokenizer_init else Tokenizer.from_folder(mc.path, eos)
         self.eos_token_ids = self.tokenizer.eos_token_ids if self.tokenizer else eos
+        # structured output: grammars compiled off the step loop, one matcher per constrained request
+        self.grammar = GrammarBackend(mc.path, self.vocab_size, self.eos_token_ids) if self.tokenizer else None
         self.num_blocks = self._num_blocks()
         cc = config.cache
         self.block_manager = BlockManager(self.num_blocks, cc.block_size, cc.enable_prefix_caching)
@@ -163,6 +166,10 @@ class LLMEngine:
         """Admit a request, or raise ``InvalidRequestError`` before it touches the batch. Everything per
         request that can fail (its seeded generator) is created here, not inside a step."""
         ids = self.encode_prompt(prompt)
+        if params.n != 1 or params.best_of is not None:
+            raise InvalidRequestError("an engine request is one sequence: n and best_of are fanned out above the "
+                                      "engine (LLM.generate, the model replica)", param="n")
+        params = with_bad_words(params, self.tokenizer, self.vocab_size)
         if request_id in self._live:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
@@ -174,9 +181,10 @@ class LLMEngine:
             raise InvalidRequestError(f"logit_bias token ids must be in [0, {self.vocab_size}), got {bad[:5]}",
                                       param="logit_bias")
         if params.processed and self.config.speculative.enabled:
-            raise InvalidRequestError("logit_bias and the presence, frequency and repetition penalties are not "
-                                      "available with speculative decoding", param="logit_bias" if params.logit_bias
-                                      else "presence_penalty", code="unsupported_parameter")
+            raise InvalidRequestError("logit_bias, bad_words and the presence, frequency and repetition penalties "
+                                      "are not available with speculative decoding", param="logit_bias" if
+                                      params.logit_bias else "bad_words" if params.bad_words else "presence_penalty",
+                                      code="unsupported_parameter")
         needed = min(len(ids) + params.max_tokens, self.max_model_len)
         capacity = self.num_blocks * self.config.cache.block_size
         if needed > capacity:
@@ -187,8 +195,16 @@ class LLMEngine:
         except (RuntimeError, ValueError, OverflowError) as err:  # e.g. a seed torch refuses
             raise InvalidRequestError(f"cannot admit request: {err}", param="seed" if params.seed is not None
                                       else None) from err
+        spec = params.structured
+        if spec is not None and (self.grammar is None or self.config.speculative.enabled):
+            # (with drafts the matcher would have to follow every proposed position: not done here)
+            raise InvalidRequestError(f"{spec.param}: structured output needs the model's tokenizer and is not "
+                                      "available with speculative decoding", param=spec.param,
+                                      code="unsupported_parameter")
+        ready = spec is None or self.grammar.admit(spec, request_id)  # type: ignore[union-attr]
         request = Request(request_id, ids, params, self.eos_token_ids, prompt if isinstance(prompt, str) else None)
-        self.scheduler.add(request)
+        if ready:  # else it joins the scheduler once its grammar is compiled (step)
+            self.scheduler.add(request)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params) if self.tokenizer is not None else None
         self._live[request_id] = _Live(request, detok)
 
@@ -205,7 +221,7 @@ class LLMEngine:
                            r.num_output_tokens, r.num_cached_tokens)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.grammar and self.grammar.num_waiting)
 
     @property
     def dead(self) -> EngineDeadError | None:
@@ -235,31 +251,42 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------------
     def step(self) -> list[OutputDelta]:
         """One step: the new deltas. Never raises for a request's sake (failures become error deltas)."""
+        early = self._grammars_ready() if self.grammar is not None and self.grammar.num_waiting else []
         try:
             sched_out = self.scheduler.schedule()
         except Exception as err:  # a scheduler bug: its state is suspect, so every request ends here
             logger.exception("scheduling failed: failing all %d requests", len(self._live))
-            return self.fail_all(err)
+            return early + self.fail_all(err)
+        if self.grammar is not None:  # the allowed tokens of this step's constrained rows
+            sched_out, bad = self.grammar.with_mask(sched_out)
+            early += [d for rid, err in bad.items() for d in self._fail([rid], err)]
         try:
             result = self.executor.execute(sched_out)
             changed = self.scheduler.update(sched_out, result)
         except EngineDeadError as err:  # the executor lost a rank: every request in flight ends, typed as dead
             self._dead = err
             logger.error("engine dead: %s: failing all %d requests", err, len(self._live))
-            return self._fail(list(self._live), err, dead=True)
+            return early + self._fail(list(self._live), err, dead=True)
         except Exception as err:  # the model step (or its bookkeeping) failed: only its requests end
             self._failed_steps += 1
             logger.exception("model step failed: failing its %d requests", len(sched_out.scheduled))
             self.scheduler.restore_finished(sched_out.finished_request_ids)  # the runner may not have seen them
-            return self._fail([s.request_id for s in sched_out.scheduled], err)
+            return early + self._fail([s.request_id for s in sched_out.scheduled], err)
         self._failed_steps = 0
-        deltas = []
+        for rid, (first, entries) in (result.prompt_logprobs or {}).items():
+            live = self._live.get(rid)
+            if live is not None:  # by position: a preempted request's recomputed prefill overwrites its own
+                live.request.prompt_logprobs[first:first + len(entries)] = entries
+        deltas = early
         for rid, reason in (result.failed or {}).items():  # its own sampling raised: this request alone
             deltas.extend(self._fail([rid], RuntimeError(reason)))
         new_tokens = 0
         for request, appended in changed:
             new_tokens += appended
             try:
+                if (self.grammar is not None and self.grammar.advance(request.request_id, request.output_token_ids[
+                        len(request.output_token_ids) - appended:]) and not request.status.finished):
+                    self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)  # grammar complete
                 deltas.append(self._emit(request, appended, result))
             except Exception as err:  # this request alone: the rest of the batch goes on
                 logger.exception("request %s failed", request.request_id)
@@ -292,9 +319,20 @@ class LLMEngine:
         if finished:
             del self._live[rid]
         first = request.num_output_tokens == appended  # the request's first delta carries its schedule time
+        prompt_lps = tuple(request.prompt_logprobs) if first and request.params.prompt_logprobs is not None else None
         return OutputDelta(rid, tuple(fresh), text, finished, request.status.value if finished else None,
                            stop_reason, lps, request.num_prompt_tokens, request.num_output_tokens,
-                           request.num_cached_tokens, None, request.scheduled_time if first else None)
+                           request.num_cached_tokens, None, request.scheduled_time if first else None, prompt_lps)
+
+    def _grammars_ready(self) -> list[OutputDelta]:
+        """Schedule the requests whose grammar compiled; fail (400) those whose grammar cannot be compiled."""
+        assert self.grammar is not None
+        if not self.scheduler.has_unfinished():
+            self.grammar.wait(0.05)  # nothing else to run: wait for a compilation rather than spin
+        ready, failed = self.grammar.take_ready()
+        for rid in ready:  # (one aborted while it waited is forgotten)
+            self.scheduler.add(self._live[rid].request) if rid in self._live else self.grammar.forget(rid)
+        return [d for rid, err in failed.items() for d in self._fail([rid], err)]
 
     def fail_all(self, err: Exception) -> list[OutputDelta]:
         """Finish every request in flight with a RequestFailedError (a bug outside any one request's work)."""
@@ -311,8 +349,8 @@ class LLMEngine:
             self.scheduler.finish(rid, RequestStatus.FINISHED_ABORTED)
             self.num_failed += 1
             r = live.request
-            error = err if dead else RequestFailedError(f"request {rid!r} failed inside the engine: "
-                                                        f"{type(err).__name__}: {err}")
+            error = err if dead or isinstance(err, InvalidRequestError) else RequestFailedError(
+                f"request {rid!r} failed inside the engine: {type(err).__name__}: {err}")
             deltas.append(OutputDelta(rid, (), "", True, "abort", None, None, r.num_prompt_tokens,
                                       r.num_output_tokens, r.num_cached_tokens, error))
         return deltas

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from parallel.errors import ContextLengthError, InvalidRequestError
+from parallel.sampling_params import SamplingParams
 from parallel.tokenizer import Tokenizer
 
 
@@ -48,3 +51,34 @@ def encode_prompt(prompt: str | list[int], tokenizer: Tokenizer | None, vocab_si
     if len(ids) >= max_model_len:
         raise _too_long(len(ids), max_model_len, param)
     return ids
+
+
+def with_bad_words(params: SamplingParams, tokenizer: Tokenizer | None, vocab_size: int) -> SamplingParams:
+    """``params`` with ``bad_words`` tokenised as vLLM does (``SamplingParams.update_from_tokenizer``): each
+    word without and with a leading space (a word at the start of the text and inside it tokenise
+    differently), the spaced form kept only where it is a different word of the same length. Idempotent.
+
+    Example:
+        >>> with_bad_words(SamplingParams(), None, 10).bad_words_token_ids
+        ()
+    """
+    if not params.bad_words or params.bad_words_token_ids:
+        return params
+    if tokenizer is None:
+        raise InvalidRequestError("bad_words need a tokenizer (the engine was started without one)",
+                                  param="bad_words")
+    words: list[tuple[int, ...]] = []
+    for word in params.bad_words:
+        for spaced in (False, True):
+            ids = tuple(tokenizer.encode((" " if spaced else "") + word.lstrip(), add_special_tokens=False))
+            if not ids:
+                if not spaced:
+                    raise InvalidRequestError(f"bad_words entry {word[:32]!r} tokenises to nothing",
+                                              param="bad_words")
+                continue
+            if not spaced or (ids[0] != words[-1][0] and len(ids) == len(words[-1])):
+                words.append(ids)
+    bad = [t for w in words for t in w if t >= vocab_size]
+    if bad:
+        raise InvalidRequestError(f"bad_words tokenise to ids outside the vocabulary: {bad[:5]}", param="bad_words")
+    return dataclasses.replace(params, bad_words_token_ids=tuple(words))

@@ -9,6 +9,7 @@ from typing import Any
 from parallel.config import EngineConfig
 from parallel.engine import LLMEngine
 from parallel.errors import InvalidRequestError
+from parallel.fanout import best_of_order, child_params
 from parallel.outputs import RequestOutput, RequestOutputBuilder
 from parallel.sampling_params import SamplingParams
 from parallel.tokenizer import Tokenizer
@@ -65,11 +66,14 @@ class LLM:
         if len(params) != len(plist):
             raise ValueError(f"got {len(plist)} prompts but {len(params)} sampling params")
         encoded = [self.engine.encode_prompt(p) for p in plist]
-        ids = [f"offline-{next(self._ids)}" for _ in plist]
+        # n samples (best_of candidates) of a prompt are that many engine requests (parallel/fanout.py)
+        children = [[f"offline-{next(self._ids)}" for _ in range(sp.num_sequences)] for sp in params]
         builders = {rid: RequestOutputBuilder(rid, p if isinstance(p, str) else None, tuple(e))
-                    for rid, p, e in zip(ids, plist, encoded, strict=True)}
-        for rid, e, sp in zip(ids, encoded, params, strict=True):
-            self.engine.add_request(rid, e, sp)
+                    for kids, p, e in zip(children, plist, encoded, strict=True) for rid in kids}
+        for kids, e, sp in zip(children, encoded, params, strict=True):
+            for j, rid in enumerate(kids):
+                self.engine.add_request(rid, e, child_params(sp, j))
+        ids = [rid for kids in children for rid in kids]
         done: set[str] = set()
         try:
             while len(done) < len(ids):
@@ -83,4 +87,14 @@ class LLM:
             for rid in ids:
                 if rid not in done:
                     self.engine.abort(rid)
-        return [builders[rid].build() for rid in ids]
+        return [_gather([builders[rid] for rid in kids], sp) for kids, sp in zip(children, params, strict=True)]
+
+
+def _gather(builders: list[RequestOutputBuilder], params: SamplingParams) -> RequestOutput:
+    """One prompt's RequestOutput from its samples (best_of: the best n, best first)."""
+    order = list(range(len(builders)))
+    if params.best_of is not None:
+        order = best_of_order([[e[t] for e, t in zip(b.logprobs or (), b.token_ids, strict=False)]
+                               for b in builders], params.n)
+    keep = params.logprobs is not None
+    return builders[order[0]].build(tuple(builders[k].completion(i, keep) for i, k in enumerate(order)))

@@ -18,6 +18,7 @@ from parallel.sampler import Sampler, logprob_entry
 from parallel.sampling_params import SamplingParams
 from parallel.speculative import DraftWork, Proposer, verify
 from parallel.step_messages import ScheduledRequest, SchedulerOutput, StepResult
+from parallel.structured import apply_mask
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class ModelRunner:
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(seed))
         self._generators: dict[str, torch.Generator] = {}
         self._histories: dict[str, History] = {}  # requests with penalties: their tokens so far
+        self._pending_rows: dict[str, torch.Tensor] = {}  # prompt logprobs: a chunk's last row, for the next chunk
 
     def add_request(self, request_id: str, params: SamplingParams) -> None:
         """Create the request's own resources now, at admission, so whatever can fail (a seed torch refuses)
@@ -75,6 +77,7 @@ class ModelRunner:
         for request_id in out.finished_request_ids:
             self._generators.pop(request_id, None)
             self._histories.pop(request_id, None)
+            self._pending_rows.pop(request_id, None)
             if self.proposer is not None:
                 self.proposer.forget(request_id)
         if not out.scheduled:
@@ -83,9 +86,11 @@ class ModelRunner:
             return StepResult({})
         ids: list[int] = []
         rows: list[int] = []  # logits rows: the last 1 + num_draft positions of each sampled request
+        starts: list[int] = []  # each request's first row in the step's hidden states
         for s in out.scheduled:
+            starts.append(len(ids))
             ids.extend(s.token_ids)
-            if s.params.penalized:  # (never with drafts: the engine refuses penalties with speculation)
+            if s.params.needs_history:  # (never with drafts: the engine refuses penalties with speculation)
                 self._histories.setdefault(s.request_id, History()).update(s.start_pos, s.token_ids,
                                                                            s.num_prompt_tokens)
             if s.sample:
@@ -94,11 +99,14 @@ class ModelRunner:
         sampled = [s for s in out.scheduled if s.sample]
         if not self.sample:
             return StepResult({})
+        prompt_lps = self._prompt_logprobs(out.scheduled, starts, hidden) or None
         gens = {s.request_id: self._generator(s.request_id, s.params.seed) for s in sampled}
         if not sampled:  # prefill chunks only; the draft still has to keep pace with them
             drafts = self._propose(out, {}, {}, gens) if self.proposer is not None else None
-            return StepResult({}, None, drafts)
+            return StepResult({}, None, drafts, prompt_logprobs=prompt_lps)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if out.grammar is not None:  # structured output: disallowed tokens to -inf (never with drafts)
+            logits = apply_mask(logits, [s.request_id for s in sampled], out.grammar)
         failed: dict[str, str] = {}
         if any(s.num_draft for s in sampled):
             emitted, logprobs, accepted = self._verify(sampled, logits, gens, failed)
@@ -106,7 +114,31 @@ class ModelRunner:
             emitted, logprobs = self._sample(sampled, logits, gens, failed)
             accepted = None
         drafts = self._propose(out, emitted, accepted or {}, gens) if self.proposer is not None else None
-        return StepResult(emitted, logprobs or None, drafts, accepted, failed or None)
+        return StepResult(emitted, logprobs or None, drafts, accepted, failed or None, prompt_lps)
+
+    def _prompt_logprobs(self, scheduled: tuple[ScheduledRequest, ...], starts: list[int], hidden: torch.Tensor
+                         ) -> dict[str, tuple[int, tuple[dict[int, float], ...]]]:
+        """vLLM's prompt_logprobs, computed in prefill: the logits at position p score prompt token p + 1. A
+        chunk's last prompt row scores the next chunk's first token, so it waits for it (``_pending_rows``).
+        Requests asking for them skip the prefix cache, so every prompt position is computed here."""
+        found = {}
+        for s, start in zip(scheduled, starts, strict=True):
+            k, n = s.params.prompt_logprobs, s.num_prompt_tokens
+            if k is None or s.start_pos >= n:
+                continue
+            end = min(s.start_pos + len(s.token_ids), n)  # prompt positions [start_pos, end) in this chunk
+            lp = self.model.compute_logits(hidden[start:start + end - s.start_pos]).float().log_softmax(dim=-1)
+            pending = self._pending_rows.pop(s.request_id, None) if s.start_pos > 0 else None
+            if pending is not None:
+                lp = torch.cat([pending[None], lp])
+            first = s.start_pos if pending is not None else s.start_pos + 1  # the first token scored
+            entries = tuple(logprob_entry(lp[q - first], s.token_ids[q - s.start_pos], k)
+                            for q in range(first, end))
+            if end < n:
+                self._pending_rows[s.request_id] = lp[-1]
+            if entries:
+                found[s.request_id] = (first, entries)
+        return found
 
     def _sample(self, sampled: list[ScheduledRequest], logits: torch.Tensor, gens: dict[str, torch.Generator | None],
                 failed: dict[str, str]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[dict[int, float], ...]]]:

@@ -36,6 +36,7 @@ class RequestOutput:
     outputs: tuple[CompletionOutput, ...]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: tuple[dict[int, float] | None, ...] | None = None  # per prompt token; the first is None
 
     @property
     def text(self) -> str:
@@ -76,6 +77,9 @@ class OutputDelta:
     num_cached_tokens: int = 0
     error: Exception | None = None  # a parallel.errors.EngineError for this request alone
     scheduled_at: float | None = None  # time.monotonic() when first scheduled; set on the first delta only
+    # on the first delta, when asked for: one entry per prompt token ({token id: logprob} with the top
+    # alternatives), None for the first token (nothing precedes it), as vLLM's RequestOutput.prompt_logprobs
+    prompt_logprobs: tuple[dict[int, float] | None, ...] | None = None
 
 
 def merge_deltas(first: OutputDelta, later: OutputDelta) -> OutputDelta:
@@ -87,7 +91,8 @@ def merge_deltas(first: OutputDelta, later: OutputDelta) -> OutputDelta:
     return OutputDelta(later.request_id, first.token_ids + later.token_ids, first.text + later.text,
                        later.finished, later.finish_reason, later.stop_reason, lps, later.num_prompt_tokens,
                        later.num_output_tokens, later.num_cached_tokens, later.error,
-                       first.scheduled_at if first.scheduled_at is not None else later.scheduled_at)
+                       first.scheduled_at if first.scheduled_at is not None else later.scheduled_at,
+                       first.prompt_logprobs if first.prompt_logprobs is not None else later.prompt_logprobs)
 
 
 def cumulative_logprob(logprobs: tuple[dict[int, float], ...] | list[dict[int, float]] | None,
@@ -114,8 +119,11 @@ class RequestOutputBuilder:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     last: OutputDelta | None = None
+    prompt_logprobs: tuple[dict[int, float] | None, ...] | None = None
 
     def add(self, delta: OutputDelta) -> None:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         self.text.append(delta.text)
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
@@ -124,14 +132,18 @@ class RequestOutputBuilder:
             self.logprobs.extend(delta.logprobs)
         self.last = delta
 
-    def build(self) -> RequestOutput:
+    def completion(self, index: int = 0, keep_logprobs: bool = True) -> CompletionOutput:
         last = self.last
         lps = tuple(self.logprobs) if self.logprobs is not None else None
-        completion = CompletionOutput(
-            index=0, text="".join(self.text), token_ids=tuple(self.token_ids),
-            finish_reason=last.finish_reason if last is not None else None, logprobs=lps,
-            cumulative_logprob=cumulative_logprob(lps, self.token_ids),
+        return CompletionOutput(
+            index=index, text="".join(self.text), token_ids=tuple(self.token_ids),
+            finish_reason=last.finish_reason if last is not None else None, logprobs=lps if keep_logprobs else None,
+            cumulative_logprob=cumulative_logprob(lps, self.token_ids) if keep_logprobs else None,
             stop_reason=last.stop_reason if last is not None else None)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, (completion,),
+
+    def build(self, outputs: tuple[CompletionOutput, ...] | None = None) -> RequestOutput:
+        """The whole output (``outputs``: several samples of this prompt, built from their own builders)."""
+        last = self.last
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs or (self.completion(),),
                              last.finished if last is not None else False,
-                             last.num_cached_tokens if last is not None else 0)
+                             last.num_cached_tokens if last is not None else 0, self.prompt_logprobs)

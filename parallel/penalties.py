@@ -1,9 +1,11 @@
-"""Logits processing before sampling: logit_bias, then the repetition, frequency and presence penalties.
+"""Logits processing before sampling: bad words, logit_bias, then the repetition, frequency and presence
+penalties.
 
 The order and formulas are vLLM v1's (``vllm/v1/sample/sampler.py``: logits processors, then
 ``apply_penalties``), so that greedy outputs match vLLM's on the same model and settings. For a row with
 prompt tokens P and output tokens so far O, ``c[v]`` the count of token v in O:
 
+- bad words (vLLM's): ``l[w_k] = -inf`` for each word w_1..w_k whose w_1..w_{k-1} end O;
 - ``logit_bias`` (OpenAI): ``l[v] += bias[v]``;
 - repetition penalty (CTRL, Keskar et al. 2019, as vLLM applies it): for every v in P or O,
   ``l[v] = l[v] / r`` if ``l[v] > 0`` else ``l[v] * r``;
@@ -53,6 +55,10 @@ def process(logits: torch.Tensor, params: Sequence[SamplingParams],
         return logits
     logits = logits.clone()
     device, vocab = logits.device, logits.shape[-1]
+    banned = [(i, t) for i in rows for t in banned_tokens(params[i].bad_words_token_ids, histories[i])]
+    if banned:
+        r, t = zip(*banned, strict=True)
+        logits[torch.tensor(r, device=device), torch.tensor(t, device=device)] = float("-inf")
     bias = [(i, t, b) for i in rows for t, b in params[i].logit_bias]
     if bias:
         r, t, b = zip(*bias, strict=True)
@@ -84,6 +90,14 @@ def process(logits: torch.Tensor, params: Sequence[SamplingParams],
         row = tokens // vocab
         flat[tokens] -= counts.to(logits.dtype) * freq[row] + pres[row]
     return logits
+
+
+def banned_tokens(words: tuple[tuple[int, ...], ...], history: History | None) -> list[int]:
+    """vLLM's bad words (``vllm/v1/sample/ops/bad_words.py``): a word's last token is banned where the output
+    so far ends with the rest of the word (a one-token word: always)."""
+    out = history.tokens[history.num_prompt_tokens:] if history is not None else []
+    return [w[-1] for w in words if len(w) == 1 or (len(w) - 1 <= len(out) and tuple(out[len(out) - len(w) + 1:])
+                                                     == w[:-1])]
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

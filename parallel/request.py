@@ -51,6 +51,9 @@ class Request:
         self.arrival_time = time.monotonic()
         self.scheduled_time: float | None = None  # first admitted to the running batch (queue time ends)
         self.num_preemptions = 0
+        # prompt logprobs (when asked for), by position: filled in by prefill steps; position 0 has none
+        self.prompt_logprobs: list[dict[int, float] | None] = (
+            [None] * len(self.prompt_token_ids) if params.prompt_logprobs is not None else [])
 
     @property
     def num_tokens(self) -> int:

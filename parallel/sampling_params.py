@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parallel.errors import InvalidRequestError
+from parallel.structured_spec import StructuredSpec
 
 INT32_MAX = 2**31 - 1
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch.Generator.manual_seed's signed 64-bit range
@@ -21,6 +22,9 @@ MAX_PENALTY = 2.0  # OpenAI's presence_penalty / frequency_penalty range is [-2,
 MAX_REPETITION_PENALTY = 100.0  # vLLM takes any > 0; beyond this a logit is scaled to nothing anyway
 MAX_LOGIT_BIAS = 100.0  # OpenAI's bound per token
 MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_N = 128  # parallel samples (n, best_of) per prompt: each is an engine sequence with its own KV
+MAX_BAD_WORDS = 64
+MAX_BAD_WORD_CHARS = 256
 
 
 def _is_int(value: Any) -> bool:
@@ -63,18 +67,33 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    n: int = field(default=1)
+    n: int = field(default=1)  # samples per prompt: fanned out above the engine (one sequence per request)
+    best_of: int | None = None  # draw this many, return the n with the highest mean token logprob
+    prompt_logprobs: int | None = None  # logprobs of each prompt token (and this many alternatives): vLLM's
+    bad_words: tuple[str, ...] = ()  # vLLM's: the last token of a word is banned where it would complete it
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()  # bad_words tokenised (engine.with_bad_words)
     # Logits processing (vLLM's SamplingParams names and semantics; parallel/sampler.py cites the formulas)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is accepted
     min_p: float = 0.0
+    # Structured output (parallel/structured.py): a JSON schema, regex, choice or grammar the output follows;
+    # vLLM's structured_outputs as a dict ({"json": {...}}) is accepted
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured, dict):
+            object.__setattr__(self, "structured", StructuredSpec.from_options(self.structured))
         # Accept lists / a single string for convenience, store tuples so the object stays hashable and frozen.
         object.__setattr__(self, "stop", _as_tuple(self.stop, "stop"))
         object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, "stop_token_ids"))
+        object.__setattr__(self, "bad_words", _as_tuple(self.bad_words, "bad_words"))
+        try:
+            words = tuple(tuple(w) for w in _as_tuple(self.bad_words_token_ids, "bad_words_token_ids"))
+        except TypeError:
+            raise _bad("bad_words", "token ids must be lists of integers") from None
+        object.__setattr__(self, "bad_words_token_ids", words)
         bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else _as_tuple(self.logit_bias,
                                                                                              "logit_bias")
         try:
@@ -121,8 +140,21 @@ class SamplingParams:
             raise _bad("logit_bias", "names a token id twice")
         if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise _bad("min_p", f"must be in [0, 1], got {self.min_p!r}")
-        if self.n != 1:
-            raise _bad("n", f"must be 1 (parallel sampling is not supported), got {self.n!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            raise _bad("structured", f"must be a StructuredSpec, got {type(self.structured).__name__}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise _bad("n", f"must be an integer in [1, {MAX_N}], got {self.n!r}")
+        if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_N):
+            raise _bad("best_of", f"must be an integer in [n, {MAX_N}], got {self.best_of!r}")
+        pl = self.prompt_logprobs
+        if pl is not None and (not _is_int(pl) or not 0 <= pl <= MAX_LOGPROBS):
+            raise _bad("prompt_logprobs", f"must be an integer in [0, {MAX_LOGPROBS}], got {pl!r}")
+        if len(self.bad_words) > MAX_BAD_WORDS or any(
+                not isinstance(w, str) or not 0 < len(w) <= MAX_BAD_WORD_CHARS for w in self.bad_words):
+            raise _bad("bad_words", f"must be at most {MAX_BAD_WORDS} non-empty strings of at most "
+                       f"{MAX_BAD_WORD_CHARS} characters")
+        if any(not w or any(not _is_int(t) or not 0 <= t <= INT32_MAX for t in w) for w in self.bad_words_token_ids):
+            raise _bad("bad_words", "token ids must be non-empty lists of non-negative integers")
 
     @property
     def greedy(self) -> bool:
@@ -135,8 +167,18 @@ class SamplingParams:
 
     @property
     def processed(self) -> bool:
-        """Whether its logits change before sampling (penalties or logit_bias)."""
-        return self.penalized or bool(self.logit_bias)
+        """Whether its logits change before sampling (penalties, logit_bias or bad words)."""
+        return self.penalized or bool(self.logit_bias) or bool(self.bad_words_token_ids)
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether the runner must keep its tokens so far (penalties, or a bad word of several tokens)."""
+        return self.penalized or any(len(w) > 1 for w in self.bad_words_token_ids)
+
+    @property
+    def num_sequences(self) -> int:
+        """Engine sequences per prompt: best_of when set (the best n are kept), else n."""
+        return self.best_of or self.n
 
     @property
     def effective_top_k(self) -> int:

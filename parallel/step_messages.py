@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from parallel.sampling_params import SamplingParams
 
@@ -30,12 +31,22 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class GrammarMask:
+    """Allowed next tokens of the constrained requests sampling this step (``parallel/structured.py``):
+    ``bitmask`` [len(request_ids), ceil(vocab / 32)] int32, xgrammar's layout (bit set: allowed)."""
+
+    request_ids: tuple[str, ...]
+    bitmask: Any  # a CPU torch.Tensor (typed loosely: this module stays free of torch)
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     """What runs this step. Immutable: the runner reads it and never touches the scheduler's state."""
 
     scheduled: tuple[ScheduledRequest, ...]
     finished_request_ids: frozenset[str]  # finished since the last step: the runner may drop their state
     num_preempted: int = 0
+    grammar: GrammarMask | None = None  # structured output: the token masks of constrained rows
 
     @property
     def num_tokens(self) -> int:
@@ -51,3 +62,6 @@ class StepResult:
     drafts: dict[str, tuple[int, ...]] | None = None  # next step's proposals, per request
     num_accepted: dict[str, int] | None = None  # proposals accepted this step, per verified request
     failed: dict[str, str] | None = None  # requests whose own sampling raised (the reason): they end alone
+    # prompt logprobs computed this step, per request: (position of the first token they score, one entry
+    # per prompt token from there: its logprob and the top alternatives)
+    prompt_logprobs: dict[str, tuple[int, tuple[dict[int, float], ...]]] | None = None

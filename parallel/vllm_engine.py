@@ -7,6 +7,7 @@ keeps vLLM's latest SchedulerStats. Import this module only where vLLM is instal
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import tempfile
@@ -20,6 +21,8 @@ from parallel.errors import EngineDeadError, InvalidRequestError
 from parallel.inputs import encode_prompt
 from parallel.outputs import OutputDelta
 from parallel.sampling_params import SamplingParams
+from parallel.structured import parse
+from parallel.structured_spec import StructuredSpec
 from parallel.tokenizer import Tokenizer
 
 # Our option name (EngineConfig.option_names(), the one vocabulary) -> vLLM AsyncEngineArgs name; None: it does
@@ -74,7 +77,19 @@ def to_vllm_params(params: SamplingParams, vocab_size: int) -> Any:
         logprobs=params.logprobs, min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens,
         include_stop_str_in_output=params.include_stop_str_in_output, output_kind=RequestOutputKind.DELTA,
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias) or None, min_p=params.min_p)
+        repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias) or None, min_p=params.min_p,
+        prompt_logprobs=params.prompt_logprobs, bad_words=list(params.bad_words) or None,
+        structured_outputs=_structured_outputs(params.structured))
+
+
+def _structured_outputs(spec: StructuredSpec | None) -> Any:
+    """Our spec as vLLM's StructuredOutputsParams (one field of the same name per kind)."""
+    if spec is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    value = {"json": spec.value, "json_object": True, "choice": list(spec.choices)}.get(spec.kind, spec.value)
+    return StructuredOutputsParams(**{spec.kind: value})
 
 
 def _speculative_config(options: dict[str, Any]) -> dict[str, Any] | None:
@@ -196,6 +211,11 @@ class VllmEngine:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_binding(tp, os.cpu_count() or 1))
             # Inside a Ray actor vLLM would pick its Ray executor, which its CPU platform does not support.
             kwargs.setdefault("distributed_executor_backend", "mp")
+        # Structured output through xgrammar, as the native engine does it (it runs on CPU), with compact JSON
+        # (no whitespace between JSON tokens on either engine: a small model cannot wander into it)
+        from vllm.config import StructuredOutputsConfig
+
+        kwargs["structured_outputs_config"] = StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
         self._stats = _StatsKeeper()
         # vLLM's own PrometheusStatLogger records the vllm:* metrics in this process's registry (the metrics
         # pusher exports them); with disable_log_stats a silent one takes its place. Its stats must stay on:
@@ -229,6 +249,7 @@ class VllmEngine:
 
     async def generate(self, request_id: str, prompt_ids: list[int],
                        params: SamplingParams) -> AsyncIterator[OutputDelta]:
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDeadError
 
         ids = self.encode_prompt(prompt_ids)
@@ -248,11 +269,19 @@ class VllmEngine:
                                       param=used, code="unsupported_parameter")
         if self.llm.errored:
             raise EngineDeadError(f"vLLM engine failed: {self.llm.dead_error!r}")
+        if params.n != 1 or params.best_of is not None:
+            raise InvalidRequestError("an engine request is one sequence: n and best_of are fanned out above the "
+                                      "engine (the model replica)", param="n")
+        if params.structured is not None:  # the native engine's checks and errors; off the event loop
+            await asyncio.to_thread(parse, params.structured)
         finished, n_out, first = False, 0, True
         want_lps = params.logprobs is not None
+        prompt_lps: list[dict[int, float] | None] = []  # (DELTA outputs may bring them in pieces)
         try:
             async for out in self.llm.generate({"prompt_token_ids": ids}, to_vllm_params(params, self.vocab_size),
                                                request_id):
+                prompt_lps += [None if e is None else {t: lp.logprob for t, lp in e.items()}
+                               for e in (out.prompt_logprobs or ())]
                 c = out.outputs[0]  # DELTA outputs: only what is new
                 n_out += len(c.token_ids)
                 lps = tuple({t: lp.logprob for t, lp in entry.items()} for entry in (c.logprobs or [])) \
@@ -260,13 +289,20 @@ class VllmEngine:
                 finished = out.finished
                 # vLLM's engine-core timestamps are time.monotonic() of its process: the same clock as ours.
                 scheduled = getattr(out.metrics, "scheduled_ts", None) if first else None
+                plp = None
+                if params.prompt_logprobs is not None and prompt_lps and (c.token_ids or finished):
+                    plp, prompt_lps = tuple(prompt_lps), []  # once, complete: with the first token
                 first = False
                 yield OutputDelta(request_id, tuple(c.token_ids), c.text, finished, c.finish_reason,
                                   c.stop_reason, lps, len(ids), n_out, out.num_cached_tokens or 0, None,
-                                  scheduled or None)
+                                  scheduled or None, plp)
         except VllmDeadError as err:
             finished = True
             raise EngineDeadError(f"vLLM engine died: {err}") from err
+        except VLLMValidationError as err:  # refused before it ran (e.g. a schema vLLM's xgrammar cannot take)
+            finished = True
+            raise InvalidRequestError(str(err), param=err.parameter or (params.structured.param if
+                                      params.structured else None), code="invalid_value") from err
         finally:
             if not finished:
                 self._stats.aborted += 1  # vLLM's own generate aborts the request when it is cancelled

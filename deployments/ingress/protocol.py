@@ -2,9 +2,11 @@
 
 Every field is either implemented or refused with a 400 naming it; none is silently ignored:
 - unknown fields are errors (``extra="forbid"``);
-- OpenAI fields not implemented yet (penalties, ``logit_bias``, ``tools``, ``response_format``, ``best_of``,
-  ``suffix``, non-text content parts, ...) are accepted only at their neutral value (null, 0, ``{}``,
-  ``"none"``, ``{"type": "text"}``), which changes nothing, and refused otherwise;
+- OpenAI fields not implemented (``suffix``, the deprecated ``functions``, ``audio``, non-text content parts,
+  ...) are accepted only at their neutral value (null, ``""``, ``[]``, ``"none"``), which changes nothing, and
+  refused otherwise;
+- what constrains the output (``response_format``, vLLM's ``structured_outputs`` and ``guided_*``) and
+  ``tools`` / ``tool_choice`` are typed in ``deployments/ingress/structured.py``;
 - ``null`` stands for the default wherever OpenAI's field is nullable.
 Every number is bounded to what the engine can hold (seed in int64, top_k below 2**31, ...), so a value that
 validates here cannot crash an engine. The replica checks what only it knows (context length, vocabulary).
@@ -22,8 +24,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.ingress.structured import StructuredFields, ToolCallParam, ToolFields
 from deployments.messages import ChatTurn, invalid
 from parallel.sampling_params import SamplingParams
+from parallel.structured_spec import StructuredSpec
 
 INT32 = 2**31 - 1
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -31,16 +35,17 @@ TokenId = Annotated[int, Field(ge=0, le=INT32)]
 StopString = Annotated[str, Field(min_length=1, max_length=1024)]
 MAX_STOP = 16  # OpenAI allows 4; vLLM any number: each costs a scan of the text's tail per token
 MAX_PROMPT_IDS = 1 << 20
+MAX_PROMPTS = 256  # prompts in one completions request (evaluation harnesses batch them)
+MAX_SEQUENCES = 512  # prompts x (best_of or n): each is an engine sequence
+MAX_N = 128
 MAX_MESSAGES = 4096
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
 
 # field -> neutral values accepted (anything else is refused: not implemented yet)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"}),
-    "tools": (None, []), "tool_choice": (None, "auto", "none"), "functions": (None, []),
-    "function_call": (None, "none"),
-    "parallel_tool_calls": (None, True, False), "audio": (None,), "modalities": (None, ["text"]),
+    "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
+    "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "metadata": (None, {}),
     "store": (None, False), "service_tier": (None, "auto", "default"),
 }
@@ -62,7 +67,7 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
-class _SamplingFields(_Strict):
+class _SamplingFields(StructuredFields):
     """Fields shared by completions and chat; vLLM's extensions (top_k, min_tokens, ...) are implemented."""
 
     model: str = Field(min_length=1, max_length=256)
@@ -70,7 +75,8 @@ class _SamplingFields(_Strict):
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=-1, le=INT32)
-    n: Literal[1] | None = None
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # draw this many, return the n most likely (unary only)
     seed: Seed | None = None
     stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP)
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
@@ -86,6 +92,7 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=100)  # vLLM's extra
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(None, max_length=1024)
     min_p: float | None = Field(None, ge=0, le=1)  # vLLM's extra
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(None, max_length=64)  # vLLM's
 
     REFUSED: ClassVar[tuple[str, ...]] = ()
 
@@ -100,7 +107,8 @@ class _SamplingFields(_Strict):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """Validated engine parameters (a bad combination is a 400 naming the field)."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if self.min_tokens and self.min_tokens > max_tokens:
@@ -115,7 +123,9 @@ class _SamplingFields(_Strict):
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            logit_bias=self._bias(), min_p=self.min_p or 0.0)
+            logit_bias=self._bias(), min_p=self.min_p or 0.0, n=self.n or 1, best_of=self.best_of,
+            prompt_logprobs=prompt_logprobs, bad_words=tuple(self.bad_words or ()),
+            structured=self.structured_spec())
 
     def _bias(self) -> dict[int, float]:
         return {int(k): b for k, b in (self.logit_bias or {}).items()}
@@ -135,36 +145,46 @@ class _SamplingFields(_Strict):
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options is only allowed when stream is true", param="stream_options",
                           code="invalid_value")
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            raise invalid(f"best_of ({self.best_of}) must be at least n ({self.n})", param="best_of",
+                          code="invalid_value")
+        if self.best_of is not None and self.best_of > (self.n or 1) and self.stream:
+            raise invalid("best_of cannot be streamed (the best are known only once all have finished)",
+                          param="best_of", code="invalid_value")
         return self
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Text | TokenIds | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[
-        list[TokenIds], Field(min_length=1, max_length=1)]
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    max_tokens: int | None = Field(None, ge=0, le=INT32)  # 0 only with echo: the prompt's logprobs alone
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
-    best_of: int | None = None
     suffix: str | None = None
 
-    REFUSED: ClassVar[tuple[str, ...]] = (*_SamplingFields.REFUSED, "best_of", "suffix")
+    REFUSED: ClassVar[tuple[str, ...]] = (*_SamplingFields.REFUSED, "suffix")
 
     @model_validator(mode="after")
-    def _echo(self) -> CompletionRequest:
-        if self.echo and (not isinstance(self.single_prompt(), str) or self.stream):
-            raise invalid("echo is supported for one text prompt without streaming only", param="echo",
-                          code="unsupported_parameter")
-        if self.echo and self.logprobs is not None:
-            raise invalid("echo with logprobs (prompt logprobs) is not supported", param="echo",
-                          code="unsupported_parameter")
+    def _sizes(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise invalid("max_tokens must be at least 1 (0 only with echo)", param="max_tokens",
+                          code="invalid_value")
+        sequences = len(self.prompts()) * (self.best_of or self.n or 1)
+        if sequences > MAX_SEQUENCES:
+            raise invalid(f"prompts x (best_of or n) is {sequences}, more than {MAX_SEQUENCES} sequences",
+                          param="n", code="invalid_value")
         return self
 
-    def single_prompt(self) -> str | list[int]:
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request (a list of strings or of token-id lists is several)."""
         p = self.prompt
         if isinstance(p, list) and isinstance(p[0], str | list):
-            return p[0]  # type: ignore[return-value]
-        return p  # type: ignore[return-value]
+            return list(p)  # type: ignore[arg-type]
+        return [p]  # type: ignore[list-item]
 
     def requested_max_tokens(self) -> int:
+        if self.max_tokens == 0:
+            return 1  # echo alone: one token is computed (the prompt's last logits), not returned (vLLM's way)
         return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's default for completions
 
 
@@ -174,9 +194,21 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | Annotated[list[TextPart], Field(max_length=4096)] | None = None
     name: None = None  # OpenAI's participant name: not rendered by chat templates here, so refused
+    tool_calls: list[ToolCallParam] | None = Field(None, max_length=128)  # an assistant's calls
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)  # a tool's result answers this call
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise invalid("tool_call_id is required in (and only in) a message of role tool",
+                          param="messages.tool_call_id", code="invalid_value")
+        if self.tool_calls and self.role != "assistant":
+            raise invalid("tool_calls belong to assistant messages", param="messages.tool_calls",
+                          code="invalid_value")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -184,17 +216,13 @@ class ChatMessage(_Strict):
         return self.content or ""
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(ToolFields, _SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
     prediction: dict[str, Any] | None = None
@@ -205,9 +233,8 @@ class ChatCompletionRequest(_SamplingFields):
     service_tier: str | None = None
 
     REFUSED: ClassVar[tuple[str, ...]] = (
-        *_SamplingFields.REFUSED, "response_format", "tools", "tool_choice", "functions", "function_call",
-        "parallel_tool_calls", "audio", "modalities", "prediction", "reasoning_effort", "web_search_options",
-        "metadata", "store", "service_tier")
+        *_SamplingFields.REFUSED, "functions", "function_call", "audio", "modalities", "prediction",
+        "reasoning_effort", "web_search_options", "metadata", "store", "service_tier")
 
     @model_validator(mode="after")
     def _top_logprobs(self) -> ChatCompletionRequest:
@@ -219,7 +246,12 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
     def turns(self) -> tuple[ChatTurn, ...]:
-        return tuple(ChatTurn(m.role, m.text()) for m in self.messages)
+        return tuple(ChatTurn(m.role, m.text(), tuple(c.turn() for c in m.tool_calls or ()), m.tool_call_id)
+                     for m in self.messages)
+
+    def structured_spec(self) -> StructuredSpec | None:
+        """A required or named tool_choice constrains the output (and takes no other constraint)."""
+        return self.tool_spec(super().structured_spec())
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import math
 import struct
 import time
 import uuid
@@ -25,12 +26,16 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def _completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completions logprobs; an echoed prompt's first token has none (null, as vLLM answers)."""
     offsets, pos = [], offset
     for e in entries:
         offsets.append(pos)
         pos += len(e.token)
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+    none = [math.isnan(e.logprob) for e in entries]
+    return {"tokens": [e.token for e in entries],
+            "token_logprobs": [None if n else e.logprob for e, n in zip(entries, none, strict=True)],
+            "top_logprobs": [None if n else dict(e.top) for e, n in zip(entries, none, strict=True)],
+            "text_offset": offsets}
 
 
 def _chat_logprobs(entries: list[TokenLogprob], top_n: int) -> dict[str, Any]:
@@ -42,57 +47,66 @@ def _chat_logprobs(entries: list[TokenLogprob], top_n: int) -> dict[str, Any]:
 
 
 class Shaper:
-    """Builds the OpenAI bodies of one completion or chat response."""
+    """Builds the OpenAI bodies of one completion or chat response of ``choices`` choices (prompts x n)."""
 
     def __init__(self, kind: Literal["completion", "chat"], model: str, logprobs: int | None = None,
-                 echo: str = "") -> None:
-        self.kind, self.model, self.logprobs, self.echo = kind, model, logprobs, echo
+                 choices: int = 1) -> None:
+        self.kind, self.model, self.logprobs, self.choices = kind, model, logprobs, choices
         self.id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.object = "text_completion" if kind == "completion" else "chat.completion.chunk"
-        self._role_sent = False
-        self._text_offset = 0
+        self._role_sent: set[int] = set()
+        self._text_offset: dict[int, int] = {}
+
+    def _entries(self, c: Chunk) -> list[TokenLogprob]:
+        return [*(c.prompt_logprobs or ()), *(c.logprobs or ())]
 
     def whole(self, chunks: Iterable[Chunk]) -> dict[str, Any]:
         chunks = list(chunks)
-        text = self.echo + "".join(c.text for c in chunks)
-        lps = [e for c in chunks for e in (c.logprobs or ())]
-        last = chunks[-1]
+        by_index: dict[int, list[Chunk]] = {}
+        for c in chunks:
+            by_index.setdefault(c.index, []).append(c)
+        choices = [self._choice(i, cs) for i, cs in sorted(by_index.items())]
+        obj = "text_completion" if self.kind == "completion" else "chat.completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                "usage": usage(max(c.prompt_tokens for c in chunks), max(c.completion_tokens for c in chunks))}
+
+    def _choice(self, index: int, chunks: list[Chunk]) -> dict[str, Any]:
+        text = "".join(c.text for c in chunks)
+        lps = [e for c in chunks for e in self._entries(c)]
+        reason = chunks[-1].finish_reason
         if self.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": last.finish_reason,
-                                      "logprobs": _completion_logprobs(lps) if self.logprobs is not None else None}
-            obj = "text_completion"
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": _chat_logprobs(lps, self.logprobs or 0) if self.logprobs is not None else None,
-                      "finish_reason": last.finish_reason}
-            obj = "chat.completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
-                "usage": usage(last.prompt_tokens, last.completion_tokens)}
+            text = (chunks[0].prompt_text or "") + text
+            return {"index": index, "text": text, "finish_reason": reason,
+                    "logprobs": _completion_logprobs(lps) if self.logprobs is not None else None}
+        return {"index": index, "message": {"role": "assistant", "content": text},
+                "logprobs": _chat_logprobs(lps, self.logprobs or 0) if self.logprobs is not None else None,
+                "finish_reason": reason}
 
     def events(self, chunk: Chunk) -> Iterator[dict[str, Any]]:
-        """Stream events for one chunk (none for an empty, unfinished one; chat starts with the role)."""
+        """Stream events for one chunk (none for an empty, unfinished one; a chat choice starts with the role)."""
         base = {"id": self.id, "object": self.object, "created": self.created, "model": self.model}
-        if self.kind == "chat" and not self._role_sent:
-            self._role_sent = True
-            yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+        i = chunk.index
+        if self.kind == "chat" and i not in self._role_sent:
+            self._role_sent.add(i)
+            yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]}
-        if not chunk.text and chunk.finish_reason is None:
+        text = chunk.text if self.kind == "chat" else (chunk.prompt_text or "") + chunk.text
+        if not text and chunk.finish_reason is None:
             return
         if self.kind == "completion":
             lps = None
-            if self.logprobs is not None and chunk.logprobs:
-                lps = _completion_logprobs(list(chunk.logprobs), self._text_offset)
-            self._text_offset += len(chunk.text)
-            choice: dict[str, Any] = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason,
-                                      "logprobs": lps}
+            entries = self._entries(chunk)
+            if self.logprobs is not None and entries:
+                lps = _completion_logprobs(entries, self._text_offset.get(i, 0))
+            self._text_offset[i] = self._text_offset.get(i, 0) + len(text)
+            choice: dict[str, Any] = {"index": i, "text": text, "finish_reason": chunk.finish_reason, "logprobs": lps}
         else:
-            choice = {"index": 0, "delta": {"content": chunk.text} if chunk.text else {},
-                      "finish_reason": chunk.finish_reason}
+            choice = {"index": i, "delta": {"content": text} if text else {}, "finish_reason": chunk.finish_reason}
             if self.logprobs is not None and chunk.logprobs:
                 choice["logprobs"] = _chat_logprobs(list(chunk.logprobs), self.logprobs)
         event = {**base, "choices": [choice]}
-        if chunk.finish_reason is not None:
+        if chunk.finish_reason is not None and self.choices == 1:  # (with several, the usage event has it)
             event["usage"] = usage(chunk.prompt_tokens, chunk.completion_tokens)
         yield event
 

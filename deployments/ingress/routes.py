@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from deployments.ingress.protocol import INT32, ChatCompletionRequest, CompletionRequest
 from deployments.ingress.responses import Shaper
 from deployments.ingress.stages import Admitted
+from deployments.ingress.tools import ToolShaper
 from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, invalid
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
@@ -61,12 +62,16 @@ def error_response(info: ErrorInfo) -> JSONResponse:
 
 
 def completion_call(a: Admitted, req: CompletionRequest) -> tuple[GenerateRequest, Shaper]:
-    prompt = req.single_prompt()
-    gen = GenerateRequest(a.request_id, prompt=prompt if isinstance(prompt, str) else tuple(prompt),
-                          params=req.sampling_params(req.requested_max_tokens(), req.logprobs),
+    prompts = [p if isinstance(p, str) else tuple(p) for p in req.prompts()]
+    echo = bool(req.echo)
+    # echo with logprobs scores the prompt too (vLLM: prompt_logprobs = logprobs), in the engine's prefill
+    params = req.sampling_params(req.requested_max_tokens(), req.logprobs, req.logprobs if echo else None)
+    gen = GenerateRequest(a.request_id, prompt=prompts[0] if len(prompts) == 1 else None,
+                          prompts=tuple(prompts) if len(prompts) > 1 else (), params=params,
                           deadline=a.deadline, model=req.model, admitted_at=a.started,
-                          traceparent=a.outcome.traceparent if a.outcome is not None else None)
-    return gen, Shaper("completion", req.model, req.logprobs, echo=prompt if req.echo else "")  # type: ignore[arg-type]
+                          traceparent=a.outcome.traceparent if a.outcome is not None else None,
+                          echo=echo, echo_only=echo and req.max_tokens == 0)
+    return gen, Shaper("completion", req.model, req.logprobs, len(prompts) * (req.n or 1))
 
 
 def chat_call(a: Admitted, req: ChatCompletionRequest) -> tuple[GenerateRequest, Shaper]:
@@ -74,8 +79,12 @@ def chat_call(a: Admitted, req: ChatCompletionRequest) -> tuple[GenerateRequest,
     max_tokens = req.requested_max_tokens()
     gen = GenerateRequest(a.request_id, messages=req.turns(), params=req.sampling_params(max_tokens or INT32, top),
                           fill_max_tokens=max_tokens is None, deadline=a.deadline, model=req.model,
-                          admitted_at=a.started, traceparent=a.outcome.traceparent if a.outcome is not None else None)
-    return gen, Shaper("chat", req.model, top)
+                          admitted_at=a.started, traceparent=a.outcome.traceparent if a.outcome is not None else None,
+                          tools=req.template_tools())
+    shaper = Shaper("chat", req.model, top, req.n or 1)
+    mode = req.tool_mode  # tool calls in the answer: the Shaper's bodies and events rewritten (tools.py)
+    named = req.tool_choice.function.name if mode == "named" else None  # type: ignore[union-attr]
+    return gen, ToolShaper(shaper, mode, named) if mode else shaper  # type: ignore[return-value]
 
 
 class Stream(Protocol):

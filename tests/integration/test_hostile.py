@@ -92,7 +92,7 @@ def hostile_cases() -> list[tuple[str, str, dict | bytes, dict[str, str], int, s
         ("detokenize ids out of vocab", "/detokenize", {"tokens": [1, 2**31 - 1]}, {}, 400, "tokens"),
         ("detokenize no ids", "/detokenize", {"tokens": []}, {}, 400, "tokens"),
     ]
-    for field, value in [("best_of", 2), ("suffix", "x"), ("echo", True)]:
+    for field, value in [("best_of", 0), ("n", 129), ("suffix", "x"), ("max_tokens", 0)]:
         body = {"prompt": [1, 2], "max_tokens": 2, field: value}
         cases.append((f"unsupported {field}", "/v1/completions", body, {}, 400, field))
     for field, value in [("response_format", {"type": "json_object"}),

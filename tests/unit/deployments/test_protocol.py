@@ -25,7 +25,7 @@ def refused(model, body) -> tuple[int, str | None]:
     (CompletionRequest, {**BASE, "max_tokens": "many"}, "invalid_type"),
     (CompletionRequest, {"prompt": "x"}, "missing_required_parameter"),
     (CompletionRequest, {**BASE, "some_new_field": 1}, "unknown_parameter"),
-    (CompletionRequest, {**BASE, "best_of": 3}, "unsupported_parameter"),
+    (CompletionRequest, {**BASE, "best_of": 3, "n": 4}, "invalid_value"),
     (CompletionRequest, {**BASE, "logit_bias": {"x": 10}}, "invalid_value"),
     (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "unsupported_content"),
@@ -40,7 +40,8 @@ def test_refusals_carry_openais_code(model, body, code):
     ("seed", 2**64), ("seed", 1180591620717411303424), ("seed", -(2**63) - 1), ("top_k", 2**63), ("top_k", -2),
     ("max_tokens", 0), ("max_tokens", 2**40), ("temperature", 2.5), ("temperature", "nan"), ("top_p", 0),
     ("logprobs", 21), ("min_tokens", -1), ("stop", ["a"] * 17), ("stop", [""]), ("stop_token_ids", [-1]),
-    ("stop_token_ids", [2**40]), ("n", 2), ("prompt", []), ("prompt", ""), ("prompt", [[1], [2]]),
+    ("stop_token_ids", [2**40]), ("n", 0), ("n", 129), ("best_of", 0), ("prompt", []), ("prompt", ""),
+    ("prompt", [[1]] * 257), ("prompt", ["a", ""]), ("bad_words", [""]), ("bad_words", ["a"] * 65),
     ("prompt", [-1]), ("user", "u" * 300), ("presence_penalty", 2.5), ("frequency_penalty", -3),
     ("repetition_penalty", 0), ("repetition_penalty", 101), ("min_p", 1.5), ("logit_bias", {"x": 1}),
     ("logit_bias", {"01": 1}), ("logit_bias", {"1": 101}), ("logit_bias", {"99999999999": 1}),
@@ -58,10 +59,9 @@ def test_extreme_valid_values_pass():
 
 
 @pytest.mark.parametrize(("model", "body", "field"), [
-    (CompletionRequest, {**BASE, "best_of": 3}, "best_of"),
+    (CompletionRequest, {**BASE, "best_of": 3, "stream": True}, "best_of"),
+    (CompletionRequest, {**BASE, "n": 64, "prompt": ["a"] * 9}, "n"),
     (CompletionRequest, {**BASE, "suffix": "}"}, "suffix"),
-    (CompletionRequest, {**BASE, "echo": True, "stream": True}, "echo"),
-    (CompletionRequest, {**BASE, "prompt": [1, 2], "echo": True}, "echo"),
     (CompletionRequest, {**BASE, "some_new_field": 1}, "some_new_field"),
     (ChatCompletionRequest, {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     (ChatCompletionRequest, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

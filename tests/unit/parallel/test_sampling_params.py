@@ -21,7 +21,7 @@ BAD = [
     ("min_tokens", -1), ("min_tokens", 17),
     ("stop", [""]), ("stop", [3]), ("stop", 5),
     ("stop_token_ids", [-1]), ("stop_token_ids", [2**63]), ("stop_token_ids", ["a"]), ("stop_token_ids", 7),
-    ("n", 2), ("ignore_eos", "yes"),
+    ("n", 0), ("n", 129), ("best_of", 0), ("prompt_logprobs", 21), ("bad_words", [""]), ("ignore_eos", "yes"),
 ]
 
 
