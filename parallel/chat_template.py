@@ -26,8 +26,11 @@ def _compile(template: str) -> jinja2.Template:
 
 
 def render_chat(messages: list[dict[str, Any]], template: str | None, bos_token: str | None = None,
-                eos_token: str | None = None, add_generation_prompt: bool = True) -> str:
-    """Render messages; template errors (e.g. a role the template refuses) become ValueError.
+                eos_token: str | None = None, add_generation_prompt: bool = True,
+                tools: list[dict[str, Any]] | None = None) -> str:
+    """Render messages; template errors (e.g. a role the template refuses) become ValueError. ``tools``: the
+    request's tool definitions, which templates that know tools render (``tools=``, as transformers and vLLM
+    pass them); assistant messages may carry ``tool_calls`` and tool messages ``tool_call_id``.
 
     Example:
         >>> render_chat([{"role": "user", "content": "hi"}], None)
@@ -36,6 +39,6 @@ def render_chat(messages: list[dict[str, Any]], template: str | None, bos_token:
     try:
         return _compile(template or FALLBACK_TEMPLATE).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token or "", eos_token=eos_token or "")
+            bos_token=bos_token or "", eos_token=eos_token or "", tools=tools)
     except jinja2.exceptions.TemplateError as err:
         raise ValueError(f"chat template failed: {err}") from err
