@@ -201,13 +201,11 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)  # a tool's result answers this call
 
     @model_validator(mode="after")
-    def _tool_fields(self) -> ChatMessage:
+    def _tool_fields(self) -> ChatMessage:  # (ValueError: the 400 names the message, messages.<i>)
         if (self.role == "tool") != (self.tool_call_id is not None):
-            raise invalid("tool_call_id is required in (and only in) a message of role tool",
-                          param="messages.tool_call_id", code="invalid_value")
+            raise ValueError("tool_call_id is required in (and only in) a message of role tool")
         if self.tool_calls and self.role != "assistant":
-            raise invalid("tool_calls belong to assistant messages", param="messages.tool_calls",
-                          code="invalid_value")
+            raise ValueError("tool_calls belong to assistant messages")
         return self
 
     def text(self) -> str:

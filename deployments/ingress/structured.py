@@ -189,7 +189,7 @@ def tool_call_schema(tools: list[Tool], parallel: bool | None) -> dict[str, Any]
 class ToolFields(_Strict):
     """``tools``, ``tool_choice`` and ``parallel_tool_calls`` of a chat request."""
 
-    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # [] is no tools (vLLM refuses it; clients send it)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
 

@@ -63,8 +63,8 @@ def test_extreme_valid_values_pass():
     (CompletionRequest, {**BASE, "n": 64, "prompt": ["a"] * 9}, "n"),
     (CompletionRequest, {**BASE, "suffix": "}"}, "suffix"),
     (CompletionRequest, {**BASE, "some_new_field": 1}, "some_new_field"),
-    (ChatCompletionRequest, {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
-    (ChatCompletionRequest, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    (ChatCompletionRequest, {**CHAT, "response_format": {"type": "xml"}}, "response_format"),
+    (ChatCompletionRequest, {**CHAT, "tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools"),
     (ChatCompletionRequest, {**CHAT, "tool_choice": "required"}, "tool_choice"),
     (ChatCompletionRequest, {**CHAT, "top_logprobs": 2}, "top_logprobs"),
     (ChatCompletionRequest, {**CHAT, "messages": [{"role": "user", "content": [
