@@ -239,6 +239,10 @@ class LLMServer:
         except InvalidRequestError as err:
             yield error_info(err, self.model_name, self.retry_after_s)
             return
+        refusal = self._admit(req)  # once per request, whatever its number of sequences
+        if refusal is not None:
+            yield refusal
+            return
         if not req.fans_out:
             async for item in self._one(req):
                 yield item
@@ -252,23 +256,25 @@ class LLMServer:
         async for item in merge(sequences, p):
             yield item
 
-    async def _one(self, req: GenerateRequest) -> AsyncIterator[Chunk | ErrorInfo]:
-        """One sequence: admission, rendering and tokenising, the engine's deltas as Chunks."""
-        rid = req.request_id
-        arrived = time.monotonic()
+    def _admit(self, req: GenerateRequest) -> ErrorInfo | None:
+        """Refuse at once what would wait too long (or cannot run: an engine restarting); None: admitted."""
         if req.admitted_at is not None:
             metrics.ROUTER_QUEUE.labels(self.model_name).observe(max(0.0, time.time() - req.admitted_at))
         if not self.engine.is_ready():
-            yield ErrorInfo(503, f"model {self.model_name!r}: its engine is restarting, retry",
-                            code="engine_restarting", retry_after_s=self.retry_after_s)
-            return
+            return ErrorInfo(503, f"model {self.model_name!r}: its engine is restarting, retry",
+                             code="engine_restarting", retry_after_s=self.retry_after_s)
         time_left = req.deadline - time.time() if req.deadline is not None else None
         decision = decide(self.load.snapshot(), self.admission, time_left)
         if not decision.admit:
-            logger.info("request %s refused: %s", rid, decision.reason)
-            yield ErrorInfo(503, f"model {self.model_name!r} is overloaded: {decision.reason}; retry later",
-                            code="overloaded", retry_after_s=decision.retry_after_s)
-            return
+            logger.info("request %s refused: %s", req.request_id, decision.reason)
+            return ErrorInfo(503, f"model {self.model_name!r} is overloaded: {decision.reason}; retry later",
+                             code="overloaded", retry_after_s=decision.retry_after_s)
+        return None
+
+    async def _one(self, req: GenerateRequest) -> AsyncIterator[Chunk | ErrorInfo]:
+        """One admitted sequence: rendering and tokenising, the engine's deltas as Chunks."""
+        rid = req.request_id
+        arrived = time.monotonic()
         self.load.enqueue()
         started_at: float | None = None
         scheduled = last = None

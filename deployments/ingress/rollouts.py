@@ -76,7 +76,8 @@ class Rollouts:
         """What must hear how this request's primary ends, and the callback for its first chunk (TTFT)."""
         out: list[Listener] = []
         mirror = self.mirrors.get(model)
-        if mirror is not None and target.app != mirror.spec.app:
+        # (a request of several sequences is not mirrored: its interleaved choices compare to nothing)
+        if mirror is not None and target.app != mirror.spec.app and not request.fans_out:
             listen = mirror.offer(request)
             if listen is not None:
                 out.append(listen)
