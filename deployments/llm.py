@@ -32,7 +32,7 @@ from deployments.admission import AdmissionLimits, LoadTracker, decide
 from deployments.direct import DirectListener, DirectOptions
 from deployments.fanout import merge
 from deployments.logprobs import Render
-from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError
+from deployments.messages import Chunk, ErrorInfo, GenerateRequest, ServeError, as_request
 from deployments.stats_line import stats_line
 from deployments.telemetry import Observability, Telemetry, app_version
 from parallel.chat_template import render_chat
@@ -375,22 +375,3 @@ def _small(req: GenerateRequest) -> bool:
     if req.messages is not None:
         return sum(len(m.content) for m in req.messages) <= INLINE_CHARS
     return len(req.prompt or ()) <= INLINE_CHARS
-
-
-def as_request(request: GenerateRequest | dict[str, Any]) -> GenerateRequest:
-    """A handle caller's dict (``{"prompt" | "messages", "params": {SamplingParams fields}}``) as the message."""
-    if isinstance(request, GenerateRequest):
-        return request
-    import uuid
-
-    from deployments.messages import ChatTurn
-
-    body = dict(request)
-    params = SamplingParams(**(body.pop("params", None) or body.pop("sampling", None) or {}))
-    messages = body.pop("messages", None)
-    prompt = body.pop("prompt", None)
-    return GenerateRequest(
-        body.pop("request_id", None) or f"req-{uuid.uuid4().hex}",
-        prompt=prompt if isinstance(prompt, str) or prompt is None else tuple(prompt),
-        messages=tuple(ChatTurn(m["role"], m["content"]) for m in messages) if messages is not None else None,
-        params=params, fill_max_tokens=body.pop("fill_max_tokens", False), deadline=body.pop("deadline", None))

@@ -154,3 +154,28 @@ def invalid(message: str, param: str | None = None, code: str | None = None, sta
 
 def unavailable(message: str, code: str, retry_after_s: float) -> ServeError:
     return ServeError(ErrorInfo(503, message, code=code, retry_after_s=retry_after_s))
+
+
+def as_request(request: GenerateRequest | dict[str, Any]) -> GenerateRequest:
+    """A handle caller's dict (``{"prompt" | "prompts" | "messages", "params": {SamplingParams fields}}``, and
+    optionally ``request_id``, ``fill_max_tokens``, ``deadline``, ``echo``) as the message.
+
+    Example:
+        >>> as_request({"prompts": ["a", [1, 2]], "params": {"n": 2}}).prompts
+        ('a', (1, 2))
+    """
+    if isinstance(request, GenerateRequest):
+        return request
+    import uuid
+
+    body = dict(request)
+    params = SamplingParams(**(body.pop("params", None) or body.pop("sampling", None) or {}))
+    messages = body.pop("messages", None)
+    prompt = body.pop("prompt", None)
+    return GenerateRequest(
+        body.pop("request_id", None) or f"req-{uuid.uuid4().hex}",
+        prompt=prompt if isinstance(prompt, str) or prompt is None else tuple(prompt),
+        messages=tuple(ChatTurn(m["role"], m["content"]) for m in messages) if messages is not None else None,
+        prompts=tuple(p if isinstance(p, str) else tuple(p) for p in body.pop("prompts", None) or ()),
+        params=params, fill_max_tokens=body.pop("fill_max_tokens", False), deadline=body.pop("deadline", None),
+        echo=bool(body.pop("echo", False)))
