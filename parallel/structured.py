@@ -144,6 +144,10 @@ def apply_mask(logits: torch.Tensor, request_ids: Sequence[str], mask: GrammarMa
     are matched by request id, so the caller's row order does not matter; float32 is kept or made."""
     if mask is None:
         return logits
+    if tuple(request_ids) == mask.request_ids:  # every row constrained, in order: no rearranging
+        logits = logits if logits.dtype == torch.float32 else logits.float()
+        _xgr().apply_token_bitmask_inplace(logits, mask.bitmask.to(logits.device))
+        return logits
     index = {rid: i for i, rid in enumerate(request_ids)}
     pairs = [(index[rid], j) for j, rid in enumerate(mask.request_ids) if rid in index]
     if not pairs:

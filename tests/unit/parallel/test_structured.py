@@ -132,6 +132,8 @@ def test_the_step_mask_is_xgrammars_own_and_rows_match_by_request_id():
     assert torch.equal(torch.isinf(masked[0]), ~allowed) and torch.equal(masked[0][allowed], logits[0][allowed])
     allowed_b = [t for t in range(4096) if not torch.isinf(masked[2, t])]
     assert allowed_b and all(TOKENIZER.decode([t]).isdigit() for t in allowed_b)
+    same_order = apply_mask(logits[[2, 0]].clone(), ["b", "a"], out.grammar)  # every row constrained: fast path
+    assert torch.equal(same_order, masked[[2, 0]])
     # a finished request's matcher goes with the next step that reports it
     backend.with_mask(SchedulerOutput((), frozenset({"a", "b"})))
     assert backend.with_mask(SchedulerOutput((_scheduled("a"),), frozenset()))[0].grammar is None
