@@ -187,6 +187,7 @@ class GrammarBackend:
         self._matchers: dict[str, Any] = {}
         self._batch: Any = None  # xgrammar's BatchGrammarMatcher: fills many rows in one call
         self._lock = threading.Lock()  # the cache is read here and pruned here only, but be safe with callers
+        self._build_lock = threading.Lock()
 
     # ---- compiling ----------------------------------------------------------------------------------------
     def _tokenizer_info(self) -> xgr.TokenizerInfo:
@@ -198,10 +199,11 @@ class GrammarBackend:
                                                      stop_token_ids=list(self.stop_token_ids) or None)
 
     def _compile(self, grammar: Any) -> Any:
-        if self._compiler is None:
-            # cache_enabled=False: the LRU of futures here is the one cache, keyed by the spec
-            self._compiler = _xgr().GrammarCompiler(self._tokenizer_info(), max_threads=self.max_threads,
-                                                    cache_enabled=False)
+        with self._build_lock:  # the first compilation builds the compiler; a concurrent one waits for it
+            if self._compiler is None:
+                # cache_enabled=False: the LRU of futures here is the one cache, keyed by the spec
+                self._compiler = _xgr().GrammarCompiler(self._tokenizer_info(), max_threads=self.max_threads,
+                                                        cache_enabled=False)
         return self._compiler.compile_grammar(grammar)
 
     def compile(self, spec: StructuredSpec) -> Future:
@@ -214,7 +216,8 @@ class GrammarBackend:
                 self._cache.move_to_end(spec)
                 return future
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
+                # two: one slow grammar (compiling cannot be interrupted) does not hold up every other
+                self._pool = ThreadPoolExecutor(2, thread_name_prefix="grammar-compile")
             future = self._cache[spec] = self._pool.submit(self._compile, grammar)
             while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)

@@ -95,10 +95,18 @@ def hostile_cases() -> list[tuple[str, str, dict | bytes, dict[str, str], int, s
     for field, value in [("best_of", 0), ("n", 129), ("suffix", "x"), ("max_tokens", 0)]:
         body = {"prompt": [1, 2], "max_tokens": 2, field: value}
         cases.append((f"unsupported {field}", "/v1/completions", body, {}, 400, field))
-    for field, value in [("response_format", {"type": "json_object"}),
-                         ("tools", [{"type": "function", "function": {"name": "f"}}])]:
-        body = {"messages": [{"role": "user", "content": "x"}], field: value}
-        cases.append((f"unsupported {field}", "/v1/chat/completions", body, {}, 400, field))
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    for name, fields, param in [  # structured output: refused at the ingress or at the engine's admission
+            ("unknown response_format", {"response_format": {"type": "xml"}}, "response_format"),
+            ("uncompilable regex", {"guided_regex": "(unclosed"}, "guided_regex"),
+            ("undefined grammar rule", {"guided_grammar": "root ::= nothing"}, "guided_grammar"),
+            ("unknown schema type", {"structured_outputs": {"json": {"type": "foo"}}}, "structured_outputs"),
+            ("70 KB schema", {"guided_json": {"enum": ["v" * 1000] * 70}}, "guided_json"),
+            ("tool_choice names no tool", {"tools": tools, "tool_choice": {"type": "function",
+                                                                        "function": {"name": "g"}}}, "tool_choice"),
+            ("tool name with a space", {"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools")]:
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, **fields}
+        cases.append((name, "/v1/chat/completions", body, {}, 400, param))
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
     cases.append(("image part", "/v1/chat/completions", image, {}, 400, "messages"))
     return cases
