@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from parallel.async_engine import AsyncEngine
 from parallel.metrics import (
     COUNTERS,
+    FOLD_EVERY_STEPS,
     GAUGES,
     HISTOGRAMS,
     INTER_TOKEN_LATENCY_BUCKETS,
@@ -93,6 +95,54 @@ def test_aborts_and_errors_count_as_vllm_counts_them():
     m.forget("d", "abort")  # after its final delta: a no-op
     assert m.success == {"stop": 0, "length": 0, "abort": 1, "error": 1, "repetition": 0}
     assert m.histograms["vllm:e2e_request_latency_seconds"].count == 1  # only the one with output
+
+
+def test_recorded_events_fold_in_their_order():
+    """Arrivals, steps and aborts are applied in the order they were recorded, whenever the fold runs: the
+    tokens of a step before an abort count, and an id reused after its request finished is a new request."""
+    m = EngineMetrics("order")
+    m.on_arrival("r", now=0.0)
+    m.on_step([OutputDelta("r", (1, 2), "ab", True, "length", num_prompt_tokens=4, num_output_tokens=2)], now=1.0)
+    m.on_arrival("r", now=2.0)  # the same id again, for a new request
+    m.on_step([OutputDelta("r", (3,), "c", False, num_prompt_tokens=4, num_output_tokens=1)], now=3.0)
+    m.forget("r", "abort")
+    m.on_step([OutputDelta("r", (4,), "d", True, "stop", num_output_tokens=2)], now=4.0)  # after the abort
+    assert m.generation_tokens == 3 and m.prompt_tokens == 8
+    assert m.success == {"stop": 0, "length": 1, "abort": 1, "error": 0, "repetition": 0}
+    assert m.histograms["vllm:time_to_first_token_seconds"].sum == pytest.approx(1.0 + 1.0)
+
+
+def test_steps_are_folded_in_bounded_batches():
+    """The recording thread folds every FOLD_EVERY_STEPS steps: nothing keeps the deltas of more."""
+    m = EngineMetrics("batches")
+    m.on_arrival("r", now=0.0)
+    for i in range(FOLD_EVERY_STEPS * 3):
+        m.on_step([OutputDelta("r", (i,), "x", False, num_output_tokens=i + 1)], now=float(i))
+        assert len(m._events) <= FOLD_EVERY_STEPS  # the arrival and at most FOLD_EVERY_STEPS - 1 steps
+    assert m.generation_tokens == FOLD_EVERY_STEPS * 3
+
+
+def test_a_collection_during_recording_loses_nothing():
+    """The engine loop's thread records while the pusher's thread collects: every token is counted once."""
+    m = EngineMetrics("threads")
+    steps, per_step = 2000, 4
+    for r in range(per_step):
+        m.on_arrival(f"r{r}", now=0.0)
+
+    def record() -> None:
+        for i in range(steps):
+            m.on_step([OutputDelta(f"r{r}", (i,), "x", False, num_output_tokens=i + 1) for r in range(per_step)],
+                      now=float(i + 1))
+
+    thread = threading.Thread(target=record)
+    thread.start()
+    seen = []
+    while thread.is_alive():
+        seen.append(next(v for _, name, _, v in m.samples() if name == "vllm:generation_tokens_total"))
+    thread.join()
+    assert seen == sorted(seen)  # counters never go back
+    assert m.generation_tokens == steps * per_step
+    assert m.histograms["vllm:inter_token_latency_seconds"].count == (steps - 1) * per_step
 
 
 def _scrape(model: str) -> dict[str, list]:
