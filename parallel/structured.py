@@ -29,7 +29,7 @@ Example:
     'CompiledGrammar'
     >>> backend.admit(StructuredSpec("regex", "(a"), "r1")
     Traceback (most recent call last):
-    parallel.errors.InvalidRequestError: structured_outputs.regex is invalid: Regex parsing error at position 2: ...
+    parallel.errors.InvalidRequestError: structured_outputs.regex is invalid: Regex parsing error at position 3: ...
 """
 
 from __future__ import annotations

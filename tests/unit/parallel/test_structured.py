@@ -15,7 +15,7 @@ import torch
 import xgrammar as xgr
 from tokenizers import Tokenizer
 
-from parallel import structured_spec
+from parallel import structured, structured_spec
 from parallel.config import EngineConfig
 from parallel.engine import LLMEngine
 from parallel.errors import InvalidRequestError
@@ -42,6 +42,7 @@ def _deep(n: int) -> dict:
 
 def test_doctests():
     assert doctest.testmod(structured_spec).failed == 0
+    assert doctest.testmod(structured, optionflags=doctest.ELLIPSIS).failed == 0
 
 
 def test_specs_are_keys_whatever_the_spelling_and_field():
