@@ -135,7 +135,7 @@ class ModelRunner:
             entries = tuple(logprob_entry(lp[q - first], s.token_ids[q - s.start_pos], k)
                             for q in range(first, end))
             if end < n:
-                self._pending_rows[s.request_id] = lp[-1]
+                self._pending_rows[s.request_id] = lp[-1].clone()  # (a view would keep the chunk's [T, V] alive)
             if entries:
                 found[s.request_id] = (first, entries)
         return found
