@@ -92,7 +92,8 @@ def hostile_cases() -> list[tuple[str, str, dict | bytes, dict[str, str], int, s
         ("detokenize ids out of vocab", "/detokenize", {"tokens": [1, 2**31 - 1]}, {}, 400, "tokens"),
         ("detokenize no ids", "/detokenize", {"tokens": []}, {}, 400, "tokens"),
     ]
-    for field, value in [("best_of", 0), ("n", 129), ("suffix", "x"), ("max_tokens", 0)]:
+    for field, value in [("best_of", 0), ("n", 129), ("suffix", "x"), ("max_tokens", 0), ("bad_words", [""]),
+                         ("bad_words", ["x" * 257]), ("prompt", [[1]] * 257)]:
         body = {"prompt": [1, 2], "max_tokens": 2, field: value}
         cases.append((f"unsupported {field}", "/v1/completions", body, {}, 400, field))
     tools = [{"type": "function", "function": {"name": "f"}}]
